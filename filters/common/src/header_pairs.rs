@@ -1,0 +1,93 @@
+//! The proxy-wasm encoding of a header map ("pairs"): a little-endian `u32` count, then a
+//! `u32` key size and `u32` value size per pair, then each key and value followed by a NUL.
+//! Decoded here without trusting the sizes, so that a host bug cannot make a filter trap.
+
+/// Every pair in order; `None` when the buffer is inconsistent with its own sizes.
+pub fn decode(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let read_u32 = |offset: usize| -> Option<usize> {
+        let word = bytes.get(offset..offset.checked_add(4)?)?;
+        Some(u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize)
+    };
+    let count = read_u32(0)?;
+    let sizes_end = count.checked_mul(8)?.checked_add(4)?;
+    if sizes_end > bytes.len() {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(count);
+    let mut data = sizes_end;
+    for index in 0..count {
+        let key_size = read_u32(4 + index * 8)?;
+        let value_size = read_u32(8 + index * 8)?;
+        let key_end = data.checked_add(key_size)?;
+        let key = bytes.get(data..key_end)?;
+        let value_start = key_end.checked_add(1)?;
+        let value_end = value_start.checked_add(value_size)?;
+        let value = bytes.get(value_start..value_end)?;
+        data = value_end.checked_add(1)?;
+        pairs.push((key, value));
+    }
+    Some(pairs)
+}
+
+/// Encodes pairs the same way (used by tests and by hosts).
+pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (key, value) in pairs {
+        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (key, value) in pairs {
+        out.extend_from_slice(key);
+        out.push(0);
+        out.extend_from_slice(value);
+        out.push(0);
+    }
+    out
+}
+
+/// The values of every header called `name` (compared without regard to ASCII case), in order.
+pub fn values_of<'a>(pairs: &[(&'a [u8], &'a [u8])], name: &str) -> Vec<&'a [u8]> {
+    pairs
+        .iter()
+        .filter(|(key, _)| key.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, value)| *value)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn round_trips_with_binary_names_and_values() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b"baggage", b"a=1"),
+            (b"\xff\xfe", b"\x00\x80"),
+            (b"Baggage", b""),
+        ];
+        let encoded = encode(&pairs);
+        let decoded = decode(&encoded).unwrap();
+        assert_eq!(decoded, pairs);
+        assert_eq!(values_of(&decoded, "baggage"), vec![&b"a=1"[..], &b""[..]]);
+        assert_eq!(decode(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn inconsistent_sizes_are_refused_not_trusted() {
+        let encoded = encode(&[(b"k", b"value")]);
+        assert!(decode(&encoded[..encoded.len() - 2]).is_none());
+        let mut huge_count = encoded.clone();
+        huge_count[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge_count).is_none());
+        let mut huge_size = encoded;
+        huge_size[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge_size).is_none());
+        assert!(decode(&[1, 0]).is_none());
+    }
+}

@@ -1,0 +1,67 @@
+//! Host calls the proxy-wasm Rust SDK would panic on (a panic is a trap in a production proxy):
+//! reading every value of a header, whatever bytes its name holds, and setting filter state
+//! without aborting when the host refuses. Everything else the filters call through
+//! `proxy_wasm::hostcalls`, whose `Result`s they handle.
+
+use proxy_wasm::types::{MapType, Status};
+
+use crate::header_pairs;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> Status;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> Status;
+}
+
+/// Takes ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
+///
+/// # Safety
+/// `data` must be null or a buffer of exactly `size` bytes allocated by the SDK's allocator.
+unsafe fn take_host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: the SDK allocates host buffers as boxed slices of exactly `size` bytes.
+        unsafe { Vec::from_raw_parts(data, size, size) }
+    }
+}
+
+/// The whole header map in the proxy-wasm pairs encoding (decode with [`header_pairs::decode`]).
+pub fn header_map_bytes(map: MapType) -> Result<Vec<u8>, Status> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and size it allocated through our allocator.
+    match unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) } {
+        Status::Ok => Ok(unsafe { take_host_buffer(data, size) }),
+        status => Err(status),
+    }
+}
+
+/// Every value of header `name` in `map`, in order (Envoy's single-value call returns only the
+/// first, which would let a second forged header through).
+pub fn header_values(map: MapType, name: &str) -> Result<Vec<Vec<u8>>, Status> {
+    let bytes = header_map_bytes(map)?;
+    let pairs = header_pairs::decode(&bytes).ok_or(Status::SerializationFailure)?;
+    Ok(header_pairs::values_of(&pairs, name)
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+/// Writes filter state (`wasm.<key>` in Envoy) and reports a refusal instead of panicking.
+pub fn set_filter_state(key: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: both slices outlive the call; the host copies them.
+    match unsafe { proxy_set_property(key.as_ptr(), key.len(), value.as_ptr(), value.len()) } {
+        Status::Ok => Ok(()),
+        status => Err(status),
+    }
+}

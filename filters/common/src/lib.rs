@@ -1,0 +1,16 @@
+//! Logic shared by the eastwest filters. Everything here is plain Rust with no host calls
+//! (unit-tested natively and on wasm32), except the `host` module behind the `host` feature:
+//! the one panic-free wrapper over the proxy-wasm ABI that the filters' thin layers share.
+
+pub mod baggage;
+pub mod config;
+pub mod header_pairs;
+#[cfg(feature = "host")]
+pub mod host;
+pub mod labels;
+pub mod metric_name;
+pub mod peer;
+pub mod properties;
+pub mod trust;
+
+pub use labels::{Label, Labels};

@@ -1,0 +1,318 @@
+//! What label-enrich decides at each step of a request, without host calls: the thin layer in
+//! `filter.rs` reads headers and properties, calls these, and applies the result.
+
+use eastwest_common::baggage::{self, Claims};
+use eastwest_common::labels::Labels;
+use eastwest_common::peer::{labels_from_peer_metadata, PeerMetadataError};
+use eastwest_common::trust::{self, PeerIdentity, Refusal};
+
+use crate::config::Settings;
+
+/// Response header carrying the destination's labels back to the caller's sidecar.
+pub const PEER_HEADER: &str = "x-eastwest-peer";
+/// Request header through which the callee's application reads the trusted caller labels.
+pub const SOURCE_HEADER: &str = "x-eastwest-source";
+/// Filter-state keys (Envoy stores them as `wasm.eastwest.source`, `wasm.eastwest.destination`).
+pub const SOURCE_STATE_KEY: &str = "eastwest.source";
+pub const DESTINATION_STATE_KEY: &str = "eastwest.destination";
+
+/// Input problems that are skipped and counted (the `reason` tag of
+/// `eastwest_label_enrich_malformed_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// Baggage over `max_baggage_bytes` or 64 members: no label read from it.
+    BaggageOversized,
+    /// A label member whose value is badly encoded, invalid or repeated.
+    BaggageMember,
+    /// `x-envoy-peer-metadata` that is not base64 of a protobuf Struct, or holds invalid values.
+    PeerMetadata,
+    /// An `x-eastwest-peer` response header that is oversized or holds invalid members.
+    PeerHeader,
+    /// Node metadata that cannot be decoded or holds invalid values.
+    NodeMetadata,
+    /// No `direction` configured and the listener reports none.
+    DirectionUnknown,
+    /// A host call failed (the request goes on unchanged).
+    HostCall,
+}
+
+impl Problem {
+    pub const ALL: [Problem; 7] = [
+        Problem::BaggageOversized,
+        Problem::BaggageMember,
+        Problem::PeerMetadata,
+        Problem::PeerHeader,
+        Problem::NodeMetadata,
+        Problem::DirectionUnknown,
+        Problem::HostCall,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Problem::BaggageOversized => "baggage_oversized",
+            Problem::BaggageMember => "baggage_member",
+            Problem::PeerMetadata => "peer_metadata",
+            Problem::PeerHeader => "peer_header",
+            Problem::NodeMetadata => "node_metadata",
+            Problem::DirectionUnknown => "direction_unknown",
+            Problem::HostCall => "host_call",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Problems seen while handling one request (a count per kind).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Problems([u32; Problem::ALL.len()]);
+
+impl Problems {
+    pub fn add(&mut self, problem: Problem, count: u32) {
+        self.0[problem.index()] = self.0[problem.index()].saturating_add(count);
+    }
+
+    pub fn count(&self, problem: Problem) -> u32 {
+        self.0[problem.index()]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Problem, u32)> + '_ {
+        Problem::ALL
+            .into_iter()
+            .map(|p| (p, self.count(p)))
+            .filter(|(_, n)| *n > 0)
+    }
+
+    fn add_claims(&mut self, claims: &Claims) {
+        if claims.oversized {
+            self.add(Problem::BaggageOversized, 1);
+        }
+        self.add(Problem::BaggageMember, claims.malformed_members);
+    }
+}
+
+/// What the inbound sidecar does with a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundRequest {
+    /// The caller's labels after trust: what the application and the filter state see.
+    pub source: Labels,
+    /// Claims were made and refused.
+    pub refused: Option<Refusal>,
+    /// `Some(new value)` when the baggage must be rewritten (`Some(None)`: removed).
+    pub rewrite_baggage: Option<Option<Vec<u8>>>,
+    /// The Istio peer-metadata header must be removed (its claims were refused).
+    pub remove_peer_metadata: bool,
+    pub problems: Problems,
+}
+
+/// Resolves the caller of an inbound request from its claims (`baggage`, then Istio's
+/// `x-envoy-peer-metadata`) and what its certificate proves.
+pub fn inbound_request(
+    settings: &Settings,
+    baggage_headers: &[&[u8]],
+    peer_metadata: Option<&[u8]>,
+    identity: &PeerIdentity,
+) -> InboundRequest {
+    let mut problems = Problems::default();
+    let claims = baggage::read_claims(baggage_headers, settings.max_baggage_bytes);
+    problems.add_claims(&claims);
+    let mut claimed = claims.labels.clone();
+    if let Some(header) = peer_metadata {
+        match labels_from_peer_metadata(header, &settings.label_keys) {
+            Ok(resolved) => {
+                problems.add(Problem::PeerMetadata, resolved.invalid_values);
+                claimed.fill_from(&resolved.labels);
+            }
+            Err(
+                PeerMetadataError::TooLarge
+                | PeerMetadataError::NotBase64
+                | PeerMetadataError::NotProtobuf,
+            ) => problems.add(Problem::PeerMetadata, 1),
+        }
+    }
+    let decision = trust::decide(
+        &claimed,
+        settings.peer_trust,
+        identity,
+        settings.trust_domain.as_deref(),
+    );
+    let accepted = decision.refused.is_none() && !claimed.is_empty();
+    // Label members stay in the baggage only as the accepted, well-formed values; anything else
+    // (refused, oversized, malformed) is removed so that no unverified label reaches the app.
+    let clean = accepted && !claims.oversized && claims.malformed_members == 0;
+    let rewrite_baggage = if claims.present && !clean {
+        let members = if accepted && !claims.oversized {
+            claims.labels.to_baggage_members()
+        } else {
+            String::new()
+        };
+        Some(baggage::replace_label_members(baggage_headers, &members))
+    } else {
+        None
+    };
+    InboundRequest {
+        source: decision.labels,
+        refused: decision.refused,
+        rewrite_baggage,
+        remove_peer_metadata: peer_metadata.is_some() && !accepted,
+        problems,
+    }
+}
+
+/// What the outbound sidecar learns from a response's `x-eastwest-peer` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboundResponse {
+    pub destination: Labels,
+    pub refused: Option<Refusal>,
+    pub problems: Problems,
+}
+
+/// Resolves the destination of an outbound request from the callee sidecar's claims and what
+/// the upstream certificate proves.
+pub fn outbound_response(
+    settings: &Settings,
+    peer_header: Option<&[u8]>,
+    identity: &PeerIdentity,
+) -> OutboundResponse {
+    let mut problems = Problems::default();
+    let claimed = match peer_header {
+        Some(header) => {
+            let claims = baggage::read_claims(&[header], settings.max_baggage_bytes);
+            if claims.oversized || claims.malformed_members > 0 {
+                problems.add(Problem::PeerHeader, 1);
+            }
+            claims.labels
+        }
+        None => Labels::default(),
+    };
+    let decision = trust::decide(
+        &claimed,
+        settings.peer_trust,
+        identity,
+        settings.trust_domain.as_deref(),
+    );
+    OutboundResponse {
+        destination: decision.labels,
+        refused: decision.refused,
+        problems,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eastwest_common::trust::SpiffeId;
+    use eastwest_common::Label;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn settings(trust: &str) -> Settings {
+        Settings::parse(format!(r#"{{"peer_trust": "{trust}"}}"#).as_bytes()).unwrap()
+    }
+
+    fn mtls(namespace: &str) -> PeerIdentity {
+        PeerIdentity {
+            mtls: true,
+            spiffe: SpiffeId::parse(
+                format!("spiffe://cluster.local/ns/{namespace}/sa/x").as_bytes(),
+            ),
+        }
+    }
+
+    const CALLER: &[u8] =
+        b"userid=42,service.name=frontend,k8s.namespace.name=shop,eastwest.team=web";
+
+    #[test]
+    fn trusted_clean_claims_pass_untouched() {
+        let outcome = inbound_request(&settings("mtls"), &[CALLER], None, &mtls("shop"));
+        assert_eq!(outcome.refused, None);
+        assert_eq!(outcome.source.get(Label::Service), Some("frontend"));
+        assert_eq!(outcome.source.get(Label::Team), Some("web"));
+        assert_eq!(outcome.rewrite_baggage, None);
+        assert_eq!(outcome.problems, Problems::default());
+    }
+
+    #[test]
+    fn forged_claims_without_mtls_are_stripped() {
+        let forged: &[u8] = b"userid=42,service.name=admin";
+        let outcome = inbound_request(&settings("mtls"), &[forged], None, &PeerIdentity::default());
+        assert_eq!(outcome.refused, Some(Refusal::NoMtls));
+        assert!(outcome.source.is_empty());
+        assert_eq!(outcome.rewrite_baggage, Some(Some(b"userid=42".to_vec())));
+    }
+
+    #[test]
+    fn namespace_mismatch_keeps_only_the_proven_namespace() {
+        let outcome = inbound_request(&settings("mtls"), &[CALLER], None, &mtls("other"));
+        assert_eq!(outcome.refused, Some(Refusal::NamespaceMismatch));
+        assert_eq!(outcome.source.get(Label::Namespace), Some("other"));
+        assert_eq!(outcome.source.get(Label::Service), None);
+        assert_eq!(outcome.rewrite_baggage, Some(Some(b"userid=42".to_vec())));
+    }
+
+    #[test]
+    fn malformed_members_are_dropped_from_accepted_claims() {
+        let outcome = inbound_request(
+            &settings("any"),
+            &[b"service.name=frontend,eastwest.team=%zz,a=1"],
+            None,
+            &PeerIdentity::default(),
+        );
+        assert_eq!(outcome.problems.count(Problem::BaggageMember), 1);
+        assert_eq!(outcome.source.get(Label::Service), Some("frontend"));
+        assert_eq!(
+            outcome.rewrite_baggage,
+            Some(Some(b"service.name=frontend,a=1".to_vec()))
+        );
+    }
+
+    #[test]
+    fn oversized_baggage_is_counted_and_its_label_members_removed() {
+        let mut big = b"service.name=admin,".to_vec();
+        big.extend(std::iter::repeat_n(b'x', 9000));
+        let outcome = inbound_request(&settings("any"), &[&big], None, &PeerIdentity::default());
+        assert_eq!(outcome.problems.count(Problem::BaggageOversized), 1);
+        assert!(outcome.source.is_empty());
+        let rewritten = outcome.rewrite_baggage.unwrap().unwrap();
+        assert!(!rewritten.starts_with(b"service.name"));
+        assert_eq!(rewritten.len(), 9000);
+    }
+
+    #[test]
+    fn istio_peer_metadata_fills_gaps_and_garbage_is_counted() {
+        let outcome = inbound_request(
+            &settings("any"),
+            &[],
+            Some(b"%%%garbage"),
+            &PeerIdentity::default(),
+        );
+        assert_eq!(outcome.problems.count(Problem::PeerMetadata), 1);
+        assert!(outcome.source.is_empty());
+        assert!(outcome.remove_peer_metadata);
+    }
+
+    #[test]
+    fn destination_claims_follow_the_same_trust() {
+        let header: &[u8] =
+            b"service.name=payments,k8s.namespace.name=shop,service.criticality=critical";
+        let accepted = outbound_response(&settings("mtls"), Some(header), &mtls("shop"));
+        assert_eq!(accepted.destination.get(Label::Service), Some("payments"));
+        assert_eq!(
+            accepted.destination.get(Label::Criticality),
+            Some("critical")
+        );
+        let refused = outbound_response(&settings("mtls"), Some(header), &PeerIdentity::default());
+        assert_eq!(refused.refused, Some(Refusal::NoMtls));
+        assert!(refused.destination.is_empty());
+        let broken = outbound_response(
+            &settings("any"),
+            Some(b"service.name=%"),
+            &PeerIdentity::default(),
+        );
+        assert_eq!(broken.problems.count(Problem::PeerHeader), 1);
+        let absent = outbound_response(&settings("any"), None, &PeerIdentity::default());
+        assert!(absent.destination.is_empty());
+        assert_eq!(absent.refused, None);
+    }
+}
