@@ -45,7 +45,11 @@ pub fn parse<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ConfigErr
         let message = inner.to_string();
         let message = strip_position(&message);
         // serde_path_to_error prints the root as "." and an unparsable position as "?".
-        let path = if path == "." || path == "?" { "(root)".into() } else { path };
+        let path = if path == "." || path == "?" {
+            "(root)".into()
+        } else {
+            path
+        };
         ConfigError::new(path, message)
     })?;
     deserializer

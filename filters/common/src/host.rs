@@ -1,7 +1,7 @@
-//! Host calls the proxy-wasm Rust SDK would panic on (a panic is a trap in a production proxy):
-//! reading every value of a header, whatever bytes its name holds, and setting filter state
-//! without aborting when the host refuses. Everything else the filters call through
-//! `proxy_wasm::hostcalls`, whose `Result`s they handle.
+//! Host calls on the request path without the proxy-wasm Rust SDK's panics (the SDK's
+//! `hostcalls` panic on any status they do not expect, and a panic is a trap in a production
+//! proxy): header reads and writes, every value of a header whatever bytes its name holds, and
+//! filter state. Each returns the host's status instead; callers count failures and go on.
 
 use proxy_wasm::types::{MapType, Status};
 
@@ -13,6 +13,25 @@ extern "C" {
         map_type: MapType,
         return_data: *mut *mut u8,
         return_size: *mut usize,
+    ) -> Status;
+    fn proxy_get_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> Status;
+    fn proxy_replace_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> Status;
+    fn proxy_remove_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
     ) -> Status;
     fn proxy_set_property(
         path_data: *const u8,
@@ -61,6 +80,41 @@ pub fn header_values(map: MapType, name: &str) -> Result<Vec<Vec<u8>>, Status> {
 pub fn set_filter_state(key: &str, value: &[u8]) -> Result<(), Status> {
     // SAFETY: both slices outlive the call; the host copies them.
     match unsafe { proxy_set_property(key.as_ptr(), key.len(), value.as_ptr(), value.len()) } {
+        Status::Ok => Ok(()),
+        status => Err(status),
+    }
+}
+
+/// The (first) value of header `name`; `Ok(None)` when absent.
+pub fn header_value(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and size it allocated through our allocator.
+    match unsafe {
+        proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size)
+    } {
+        Status::Ok => Ok(Some(unsafe { take_host_buffer(data, size) })),
+        Status::NotFound => Ok(None),
+        status => Err(status),
+    }
+}
+
+/// Replaces header `name` by `value`, or removes it when `value` is `None`.
+pub fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> Result<(), Status> {
+    // SAFETY: the slices outlive the calls; the host copies them.
+    let status = match value {
+        Some(value) => unsafe {
+            proxy_replace_header_map_value(
+                map,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            )
+        },
+        None => unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) },
+    };
+    match status {
         Status::Ok => Ok(()),
         status => Err(status),
     }

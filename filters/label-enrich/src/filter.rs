@@ -255,19 +255,20 @@ impl Stream {
         }
     }
 
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
+    fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
+        host::header_value(map, name).unwrap_or_else(|_| {
+            self.shared.count(Problem::HostCall, 1);
+            None
+        })
     }
 
     /// Replaces every value of a header by one value (`None`: removes it).
     fn write_header(&self, map: MapType, name: &str, value: Option<&[u8]>, existing_values: usize) {
         if existing_values > 1 && value.is_some() {
             // Envoy versions differ on whether a replace touches only the first value.
-            let _ = hostcalls::remove_map_value(map, name);
+            let _ = host::set_header(map, name, None);
         }
-        if hostcalls::set_map_value_bytes(map, name, value).is_err() {
+        if host::set_header(map, name, value).is_err() {
             self.shared.count(Problem::HostCall, 1);
         }
     }
@@ -298,7 +299,7 @@ impl Stream {
     fn inbound_request(&self) {
         let values = self.baggage_values();
         let slices: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-        let peer_metadata = self.request_header(ISTIO_PEER_METADATA_HEADER);
+        let peer_metadata = self.header(MapType::HttpRequestHeaders, ISTIO_PEER_METADATA_HEADER);
         let identity = downstream_identity();
         let outcome = logic::inbound_request(
             &self.shared.settings,
@@ -333,9 +334,7 @@ impl Stream {
     }
 
     fn outbound_response(&self) {
-        let peer_header = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, PEER_HEADER)
-            .ok()
-            .flatten();
+        let peer_header = self.header(MapType::HttpResponseHeaders, PEER_HEADER);
         if peer_header.is_some() {
             self.write_header(MapType::HttpResponseHeaders, PEER_HEADER, None, 1);
         }
