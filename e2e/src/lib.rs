@@ -1,0 +1,40 @@
+//! End-to-end harness for eastwest: real Envoy processes, the test application behind the
+//! sidecars, a blocking HTTP client, SPIFFE test certificates and Envoy bootstrap builders.
+//!
+//! Typical test:
+//!
+//! ```no_run
+//! use eastwest_e2e::{bootstrap, free_port, http_request, ClusterBuilder, Envoy, EnvoyOptions,
+//!     ListenerBuilder, Node, TestApp};
+//!
+//! let app = TestApp::start().unwrap();
+//! let (admin, listen) = (free_port(), free_port());
+//! let config = bootstrap(
+//!     &Node::new("client-1", "client"),
+//!     admin,
+//!     vec![ListenerBuilder::new("outbound", listen, "app").build()],
+//!     vec![ClusterBuilder::new("app", app.port()).build()],
+//!     &[],
+//! );
+//! let envoy = Envoy::start("plain-proxy", config, &EnvoyOptions::default()).unwrap();
+//! let response = http_request("GET", &format!("http://127.0.0.1:{listen}/hello"), &[], "").unwrap();
+//! assert_eq!(response.status, 200);
+//! drop(envoy); // SIGTERM, then SIGKILL after 5 s; always reaped
+//! ```
+
+pub mod app;
+pub mod bootstrap;
+pub mod certs;
+pub mod client;
+pub mod envoy;
+mod paths;
+pub mod process;
+
+pub use app::TestApp;
+pub use bootstrap::{
+    bootstrap, wasm_filter, ClusterBuilder, ListenerBuilder, Node, TrafficDirection,
+};
+pub use certs::{TestCa, WorkloadCert};
+pub use client::{http2_request, http_request, http_request_with, RequestOptions, Response};
+pub use envoy::{Envoy, EnvoyOptions};
+pub use paths::{dist_wasm, envoy_binary, free_port, workspace_root, ENVOY_VERSION};
