@@ -1,0 +1,81 @@
+//! `cargo xtask bench`: load-tests every filter inside real Envoy with `eastwest-bench`.
+
+use crate::error::{bail, Result};
+use crate::process::Cmd;
+use crate::tools::ensure_tool;
+use crate::workspace::Workspace;
+use crate::{build, envoy};
+
+pub const HELP: &str = "\
+cargo xtask bench [-- <eastwest-bench options>]
+
+Builds the filters (as `cargo xtask build`), provisions Envoy 1.40.0, installs wrk if it is
+missing, then runs
+  cargo run --release -p eastwest-e2e --bin eastwest-bench -- \\
+      --filter <name>=dist/<name>.wasm ... <eastwest-bench options>
+with EASTWEST_ENVOY set. Everything after `--` goes to eastwest-bench, e.g.
+  cargo xtask bench -- --duration 30s
+";
+
+/// The arguments for `eastwest-bench`, or `None` when help was asked for.
+pub fn parse_args(args: &[String]) -> Result<Option<Vec<String>>> {
+    match args.split_first() {
+        None => Ok(Some(Vec::new())),
+        Some((first, rest)) if first == "--" => Ok(Some(rest.to_vec())),
+        Some((first, _)) if first == "-h" || first == "--help" => Ok(None),
+        Some(_) => bail!(
+            "`cargo xtask bench` takes eastwest-bench's options after `--`, as in \
+             `cargo xtask bench -- {}`\n\n{HELP}",
+            args.join(" ")
+        ),
+    }
+}
+
+pub fn bench(ws: &Workspace, bench_args: &[String]) -> Result<()> {
+    let modules = build::build(ws)?;
+    let envoy = envoy::provision(ws, "to benchmark the filters inside it")?;
+    ensure_tool(
+        "wrk",
+        "wrk",
+        "to generate the HTTP load for `cargo xtask bench`",
+    )?;
+    let mut cargo = Cmd::cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "eastwest-e2e",
+            "--bin",
+            "eastwest-bench",
+            "--",
+        ])
+        .env(envoy::ENVOY_ENV_VAR, &envoy)
+        .current_dir(&ws.root);
+    for module in &modules {
+        let relative = module.path.strip_prefix(&ws.root).unwrap_or(&module.path);
+        cargo = cargo
+            .arg("--filter")
+            .arg(format!("{}={}", module.filter_name, relative.display()));
+    }
+    cargo.args(bench_args).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Vec<String>>> {
+        parse_args(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn arguments_after_the_separator_go_to_the_bench_binary() {
+        assert_eq!(parse(&[]).unwrap(), Some(vec![]));
+        assert_eq!(
+            parse(&["--", "--duration", "10s"]).unwrap(),
+            Some(vec!["--duration".to_string(), "10s".to_string()])
+        );
+        assert_eq!(parse(&["--help"]).unwrap(), None);
+        assert!(parse(&["--duration", "10s"]).is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! `cargo xtask build`: every filter to wasm32 in release, copied to `dist/<filter>.wasm`.
+
+use std::fs;
+use std::path::PathBuf;
+
+use crate::error::{bail, Context, Result};
+use crate::process::{find_on_path, Cmd};
+use crate::workspace::{Workspace, WASM_TARGET};
+
+pub const HELP: &str = "\
+cargo xtask build
+
+Builds every filter under filters/ (crate eastwest-<name>) for wasm32-unknown-unknown in
+release, in one cargo invocation, copies each module to dist/<name>.wasm and prints the sizes.
+Adds the rustup target wasm32-unknown-unknown first if it is missing.
+";
+
+pub struct BuiltModule {
+    pub filter_name: String,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+}
+
+pub fn build(ws: &Workspace) -> Result<Vec<BuiltModule>> {
+    let modules = build_wasm_modules(ws)?;
+    print_size_table(&modules);
+    Ok(modules)
+}
+
+pub fn build_wasm_modules(ws: &Workspace) -> Result<Vec<BuiltModule>> {
+    let filters = ws.filters()?;
+    if filters.is_empty() {
+        bail!(
+            "no filter crates found under {}: each filter lives in filters/<name>/ with a \
+             Cargo.toml naming the package eastwest-<name>",
+            ws.filters_dir().display()
+        );
+    }
+    ensure_wasm_target()?;
+
+    let mut cargo = Cmd::cargo()
+        .args(["build", "--release", "--target", WASM_TARGET])
+        .current_dir(&ws.root);
+    for filter in &filters {
+        cargo = cargo.args(["-p", &filter.package]);
+    }
+    cargo.run()?;
+
+    let dist = ws.dist_dir();
+    fs::create_dir_all(&dist).context(format!("creating {}", dist.display()))?;
+    let release_dir = ws.wasm_release_dir();
+    let mut modules = Vec::new();
+    for filter in &filters {
+        let artifact = release_dir.join(filter.artifact_file_name());
+        if !artifact.is_file() {
+            bail!(
+                "cargo built {} but wrote no {}: the crate needs `crate-type = [\"cdylib\"]` \
+                 under [lib] in filters/{}/Cargo.toml",
+                filter.package,
+                artifact.display(),
+                filter.name
+            );
+        }
+        let path = dist.join(filter.dist_file_name());
+        fs::copy(&artifact, &path).context(format!(
+            "copying {} to {}",
+            artifact.display(),
+            path.display()
+        ))?;
+        let size_bytes = fs::metadata(&path)
+            .context(format!("reading {}", path.display()))?
+            .len();
+        modules.push(BuiltModule {
+            filter_name: filter.name.clone(),
+            path,
+            size_bytes,
+        });
+    }
+    Ok(modules)
+}
+
+/// Without the wasm32 standard library the build fails with an obscure "can't find crate for
+/// `core`", so check first and add it.
+fn ensure_wasm_target() -> Result<()> {
+    if find_on_path("rustup").is_none() {
+        println!(
+            "note: rustup is not on PATH, so xtask cannot check that the Rust standard library \
+             for {WASM_TARGET} is installed. If the build fails with \"can't find crate for \
+             `core`\", add it by hand: with rustup, `rustup target add {WASM_TARGET}`; with a \
+             distribution's Rust, its wasm32 standard library package (Debian: \
+             libstd-rust-dev-wasm32)."
+        );
+        return Ok(());
+    }
+    let output = Cmd::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "`rustup target list --installed` failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let installed = String::from_utf8_lossy(&output.stdout);
+    if installed.lines().any(|line| line.trim() == WASM_TARGET) {
+        return Ok(());
+    }
+    println!(
+        "The filters compile to {WASM_TARGET}, whose Rust standard library is not installed \
+         for this toolchain; adding it with rustup (once)."
+    );
+    Cmd::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        .run()
+}
+
+fn print_size_table(modules: &[BuiltModule]) {
+    let rows: Vec<(String, String, String)> = modules
+        .iter()
+        .map(|m| {
+            (
+                format!("dist/{}.wasm", m.filter_name),
+                m.size_bytes.to_string(),
+                format!("{:.1}", m.size_bytes as f64 / 1024.0),
+            )
+        })
+        .collect();
+    let name_width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(6);
+    let bytes_width = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(5);
+    let kib_width = rows.iter().map(|r| r.2.len()).max().unwrap_or(0).max(3);
+    println!();
+    println!(
+        "{:<name_width$}  {:>bytes_width$}  {:>kib_width$}",
+        "module", "bytes", "KiB"
+    );
+    for (name, bytes, kib) in rows {
+        println!("{name:<name_width$}  {bytes:>bytes_width$}  {kib:>kib_width$}");
+    }
+}

