@@ -29,7 +29,34 @@ use serde_json::{json, Value};
 
 const USAGE: &str = "usage: eastwest-bench [--filter NAME=PATH.wasm]... [--config NAME=JSON]...
        [--duration 10s] [--warmup 2s] [--rounds 3] [--connections 32] [--wrk-threads 2]
-       [--direction outbound|inbound] [--concurrency 1] [--app-threads 1] [--json-out PATH]";
+       [--direction outbound|inbound] [--concurrency 1] [--app-threads 1] [--json-out PATH]
+       [--no-pin]";
+
+/// The cost floor of any Wasm filter in Envoy: a proxy-wasm module (ABI 0.2.1) that does
+/// nothing but let Envoy create and destroy its contexts. Measured in the same run, it
+/// separates what a filter costs from what Envoy's Wasm support costs.
+const NOOP_WAT: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $at i32)
+    (local.set $at (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
+    (if (i32.gt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
+      (then (drop (memory.grow
+        (i32.add (i32.shr_u (local.get $size) (i32.const 16)) (i32.const 1))))))
+    (local.get $at))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+)"#;
+
+/// The name of the floor configuration in the table.
+const NOOP_NAME: &str = "wasm-noop";
 
 /// wrk prints this line from its `done` hook; latencies are in microseconds.
 const WRK_SCRIPT: &str = r#"
@@ -53,6 +80,8 @@ struct Args {
     concurrency: u32,
     app_threads: usize,
     json_out: Option<PathBuf>,
+    /// Give the Envoys their own CPU, away from wrk and the test app.
+    pin: bool,
 }
 
 struct Configuration {
@@ -90,7 +119,20 @@ fn run() -> Result<()> {
     let script = script_dir.path().join("report.lua");
     std::fs::write(&script, WRK_SCRIPT)?;
 
-    let mut configurations = vec![start_configuration("baseline", None, &args, app_port)?];
+    let noop_path = script_dir.path().join("noop.wasm");
+    std::fs::write(
+        &noop_path,
+        wat::parse_str(NOOP_WAT).context("the no-op module")?,
+    )?;
+    let mut configurations = vec![
+        start_configuration("baseline", None, &args, app_port)?,
+        start_configuration(
+            NOOP_NAME,
+            Some(wasm_filter(NOOP_NAME, &noop_path, json!({}))),
+            &args,
+            app_port,
+        )?,
+    ];
     for (name, path) in &args.filters {
         let config = args
             .configs
@@ -101,6 +143,9 @@ fn run() -> Result<()> {
         configurations.push(start_configuration(name, Some(filter), &args, app_port)?);
     }
 
+    if args.pin {
+        pin_cpus(&configurations);
+    }
     eprintln!(
         "{} configurations x {} rounds, {:?} warm-up + {:?} measured each, wrk -t{} -c{}",
         configurations.len(),
@@ -153,6 +198,46 @@ fn run() -> Result<()> {
         bail!("some requests failed (non-2xx responses or socket errors) for: {failed:?}");
     }
     Ok(())
+}
+
+/// With at least two CPUs, puts every Envoy thread on the last CPU and this process (the test
+/// app, and wrk, which inherits the affinity) on the others. Envoy's worker then never
+/// competes with its own load generator, which otherwise makes runs differ by ±10%.
+fn pin_cpus(configurations: &[Configuration]) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("one CPU: not pinning");
+        return;
+    }
+    let envoy_cpu = cpus - 1;
+    let mut pinned = 0;
+    for configuration in configurations {
+        pinned += set_affinity_of_all_threads(configuration.envoy.pid(), &[envoy_cpu]);
+    }
+    let others: Vec<usize> = (0..envoy_cpu).collect();
+    set_affinity_of_all_threads(std::process::id(), &others);
+    eprintln!("pinned {pinned} Envoy threads to CPU {envoy_cpu}; wrk and the test app to CPUs 0..{envoy_cpu}");
+}
+
+/// Sets the CPU affinity of every thread of `pid`; returns how many threads were pinned.
+fn set_affinity_of_all_threads(pid: u32, cpus: &[usize]) -> usize {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| task.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|&tid| {
+            // SAFETY: `set` is a valid cpu_set_t of the size given.
+            unsafe {
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+            }
+        })
+        .count()
 }
 
 fn start_app(threads: usize) -> Result<u16> {
@@ -303,13 +388,26 @@ fn summary(configuration: &Configuration) -> (f64, f64, f64) {
     (rps, p50, p99)
 }
 
+/// The table: median requests per second and latencies, the throughput ratio to the baseline
+/// (no filter) and to the no-op Wasm module, and the worker time each configuration adds per
+/// request over the no-op module (a saturated single worker spends 1/rps per request).
 fn print_table(configurations: &[Configuration]) {
     let baseline_rps = summary(&configurations[0]).0;
+    let noop_rps = configurations
+        .iter()
+        .find(|c| c.name == NOOP_NAME)
+        .map(|c| summary(c).0);
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\n{:<24} {:>12} {:>10} {:>10} {:>12}   rps per round",
-        "configuration", "median rps", "p50 ms", "p99 ms", "vs baseline"
+        "\n{:<24} {:>11} {:>8} {:>8} {:>12} {:>13} {:>12}   rps per round",
+        "configuration",
+        "median rps",
+        "p50 ms",
+        "p99 ms",
+        "vs baseline",
+        "vs wasm-noop",
+        "µs/req added"
     );
     for configuration in configurations {
         let (rps, p50, p99) = summary(configuration);
@@ -318,14 +416,23 @@ fn print_table(configurations: &[Configuration]) {
             .iter()
             .map(|run| format!("{:.0}", run.requests_per_second))
             .collect();
+        let (versus_noop, added_us) = match noop_rps {
+            Some(noop) if configuration.name != "baseline" && configuration.name != NOOP_NAME => (
+                format!("{:.3}", rps / noop),
+                format!("{:.1}", (1.0 / rps - 1.0 / noop) * 1e6),
+            ),
+            _ => ("-".to_string(), "-".to_string()),
+        };
         let _ = writeln!(
             out,
-            "{:<24} {:>12.0} {:>10.2} {:>10.2} {:>12.3}   {}",
+            "{:<24} {:>11.0} {:>8.2} {:>8.2} {:>12.3} {:>13} {:>12}   {}",
             configuration.name,
             rps,
             p50,
             p99,
             rps / baseline_rps,
+            versus_noop,
+            added_us,
             rounds.join(" ")
         );
     }
@@ -403,6 +510,7 @@ fn parse_args() -> Result<Args> {
         concurrency: 1,
         app_threads: 1,
         json_out: None,
+        pin: true,
     };
     let mut raw = std::env::args().skip(1);
     while let Some(flag) = raw.next() {
@@ -471,6 +579,7 @@ fn parse_args() -> Result<Args> {
                 }
             }
             "--json-out" => args.json_out = Some(PathBuf::from(value()?)),
+            "--no-pin" => args.pin = false,
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }

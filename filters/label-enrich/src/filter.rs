@@ -4,6 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use eastwest_common::config::PeerTrust;
 use eastwest_common::host;
 use eastwest_common::labels::Labels;
 use eastwest_common::metric_name::tagged_name;
@@ -300,7 +301,7 @@ impl Stream {
         let values = self.baggage_values();
         let slices: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
         let peer_metadata = self.header(MapType::HttpRequestHeaders, ISTIO_PEER_METADATA_HEADER);
-        let identity = downstream_identity();
+        let identity = downstream_identity(self.shared.settings.peer_trust);
         let outcome = logic::inbound_request(
             &self.shared.settings,
             &slices,
@@ -357,21 +358,28 @@ impl Stream {
 }
 
 /// What the downstream connection proves: mTLS and the client certificate's SPIFFE ID.
-fn downstream_identity() -> PeerIdentity {
-    let mtls = hostcalls::get_property(vec!["connection", "mtls"])
+///
+/// A property read costs microseconds in Envoy, so the common cases take one: a URI SAN can
+/// only come from a certificate the peer presented, which answers both questions.
+fn downstream_identity(trust: PeerTrust) -> PeerIdentity {
+    let uri = hostcalls::get_property(vec!["connection", "uri_san_peer_certificate"])
         .ok()
-        .flatten()
-        .and_then(|value| decode_bool(&value))
-        .unwrap_or(false);
-    let spiffe = if mtls {
-        hostcalls::get_property(vec!["connection", "uri_san_peer_certificate"])
+        .flatten();
+    if let Some(uri) = uri {
+        return PeerIdentity {
+            mtls: true,
+            spiffe: SpiffeId::parse(&uri),
+        };
+    }
+    // Without a URI SAN nothing is proven; whether the peer used mTLS only decides which
+    // refusal is counted (`no_mtls` or `no_spiffe_id`), which only the `mtls` mode reports.
+    let mtls = trust == PeerTrust::Mtls
+        && hostcalls::get_property(vec!["connection", "mtls"])
             .ok()
             .flatten()
-            .and_then(|uri| SpiffeId::parse(&uri))
-    } else {
-        None
-    };
-    PeerIdentity { mtls, spiffe }
+            .and_then(|value| decode_bool(&value))
+            .unwrap_or(false);
+    PeerIdentity { mtls, spiffe: None }
 }
 
 /// What the upstream connection proves: the server certificate's SPIFFE ID, which Envoy has
