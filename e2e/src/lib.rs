@@ -29,6 +29,7 @@ pub mod client;
 pub mod envoy;
 mod paths;
 pub mod process;
+pub mod wat_modules;
 
 pub use app::TestApp;
 pub use bootstrap::{

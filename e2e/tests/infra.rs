@@ -292,14 +292,7 @@ fn smoke_wasm(dir: &Path, configure_result: u32) -> PathBuf {
   (data (i32.const 32) "hello")
   (data (i32.const 48) "e2e smoke filter configured")
   (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $at i32)
-    (local.set $at (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
-    (if (i32.gt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
-      (then (drop (memory.grow
-        (i32.add (i32.shr_u (local.get $size) (i32.const 16)) (i32.const 1))))))
-    (local.get $at))
+  BUMP_ALLOCATOR
   (func (export "proxy_on_context_create") (param i32 i32))
   (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param i32 i32) (result i32)
@@ -310,7 +303,8 @@ fn smoke_wasm(dir: &Path, configure_result: u32) -> PathBuf {
       (i32.const 0) (i32.const 16) (i32.const 10) (i32.const 32) (i32.const 5)))
     (i32.const 0))
 )"#
-    .replace("CONFIGURE_RESULT", &configure_result.to_string());
+    .replace("CONFIGURE_RESULT", &configure_result.to_string())
+    .replace("BUMP_ALLOCATOR", eastwest_e2e::wat_modules::BUMP_ALLOCATOR);
     let path = dir.join(format!("smoke-{configure_result}.wasm"));
     std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
     path

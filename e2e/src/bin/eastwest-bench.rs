@@ -32,30 +32,9 @@ const USAGE: &str = "usage: eastwest-bench [--filter NAME=PATH.wasm]... [--confi
        [--direction outbound|inbound] [--concurrency 1] [--app-threads 1] [--json-out PATH]
        [--no-pin]";
 
-/// The cost floor of any Wasm filter in Envoy: a proxy-wasm module (ABI 0.2.1) that does
-/// nothing but let Envoy create and destroy its contexts. Measured in the same run, it
-/// separates what a filter costs from what Envoy's Wasm support costs.
-const NOOP_WAT: &str = r#"
-(module
-  (memory (export "memory") 1)
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $at i32)
-    (local.set $at (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
-    (if (i32.gt_u (global.get $heap) (i32.mul (memory.size) (i32.const 65536)))
-      (then (drop (memory.grow
-        (i32.add (i32.shr_u (local.get $size) (i32.const 16)) (i32.const 1))))))
-    (local.get $at))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (i32.const 0))
-)"#;
-
-/// The name of the floor configuration in the table.
+/// The name of the floor configuration in the table: a module that does nothing
+/// ([`eastwest_e2e::wat_modules::noop_module`]), which separates what a filter costs from what
+/// Envoy's Wasm support costs.
 const NOOP_NAME: &str = "wasm-noop";
 
 /// wrk prints this line from its `done` hook; latencies are in microseconds.
@@ -120,10 +99,7 @@ fn run() -> Result<()> {
     std::fs::write(&script, WRK_SCRIPT)?;
 
     let noop_path = script_dir.path().join("noop.wasm");
-    std::fs::write(
-        &noop_path,
-        wat::parse_str(NOOP_WAT).context("the no-op module")?,
-    )?;
+    std::fs::write(&noop_path, eastwest_e2e::wat_modules::noop_module()?)?;
     let mut configurations = vec![
         start_configuration("baseline", None, &args, app_port)?,
         start_configuration(
