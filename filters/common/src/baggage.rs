@@ -310,3 +310,57 @@ mod tests {
         }
     }
 }
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Bytes that look like baggage often enough to reach every branch.
+    fn baggage_like() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            prop_oneof![
+                Just(b"service.name=".to_vec()),
+                Just(b"eastwest.team=".to_vec()),
+                Just(b",".to_vec()),
+                Just(b";p=1".to_vec()),
+                Just(b"%".to_vec()),
+                Just(b" ".to_vec()),
+                prop::collection::vec(any::<u8>(), 0..6),
+            ],
+            0..24,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_any_input(header in baggage_like(), other in any::<Vec<u8>>()) {
+            let _ = read_claims(&[&header, &other], DEFAULT_MAX_BAGGAGE_BYTES);
+            let _ = replace_label_members(&[&header, &other], "service.name=a");
+            let _ = percent_decode(&header);
+        }
+
+        #[test]
+        fn replacing_keeps_every_other_member_in_order(header in baggage_like()) {
+            let kept: Vec<&[u8]> = members(&header)
+                .filter(|m| Label::from_baggage_key(m.key).is_none())
+                .map(|m| m.raw)
+                .collect();
+            let rebuilt = replace_label_members(&[&header], "service.name=own");
+            let rebuilt = rebuilt.unwrap_or_default();
+            let after: Vec<&[u8]> = members(&rebuilt).map(|m| m.raw).collect();
+            prop_assert_eq!(after[0], &b"service.name=own"[..]);
+            prop_assert_eq!(&after[1..], &kept[..]);
+        }
+
+        #[test]
+        fn encoded_values_decode_to_themselves(value in "\\PC{1,40}") {
+            let mut out = String::new();
+            push_member(&mut out, "k", &value);
+            let encoded = &out.as_bytes()[2..];
+            prop_assert!(encoded.iter().all(|&b| is_baggage_octet(b) || b == b'%'));
+            prop_assert_eq!(percent_decode(encoded).unwrap(), value.as_bytes());
+        }
+    }
+}
