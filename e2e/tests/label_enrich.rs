@@ -104,7 +104,11 @@ impl Mesh {
                 vec![ClusterBuilder::new("app", app.port()).build()],
                 &tags,
             ),
-            &EnvoyOptions::default(),
+            // Debug level for Wasm: the filter logs every skipped input and refusal there.
+            &EnvoyOptions {
+                component_log_level: Some("wasm:debug".into()),
+                ..EnvoyOptions::default()
+            },
         )?;
         let outbound = ListenerBuilder::new("outbound", caller_port, "callee")
             .traffic_direction(TrafficDirection::Outbound)
@@ -322,6 +326,12 @@ fn forged_claim_without_mtls_is_not_trusted() {
         ),
         2
     );
+    mesh.callee
+        .wait_for_log(
+            "refused the caller's label claims: no_mtls",
+            Duration::from_secs(10),
+        )
+        .unwrap();
 }
 
 #[test]
@@ -421,6 +431,15 @@ fn malformed_input_never_fails_a_request_and_is_counted() {
     assert_eq!(counter("baggage_oversized"), 1);
     assert_eq!(counter("baggage_member"), 4);
     assert_eq!(counter("peer_metadata"), 3);
+    for logged in [
+        "skipped malformed caller input: baggage_oversizedx1",
+        "skipped malformed caller input: baggage_memberx2",
+        "skipped malformed caller input: peer_metadatax1",
+    ] {
+        mesh.callee
+            .wait_for_log(logged, Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no debug line {logged:?}:\n{}", mesh.callee.log()));
+    }
     // Through both sidecars as well.
     mesh.call(&[("baggage", b"\xff\xfe=\x80,service.name=%")]);
 }
