@@ -432,9 +432,9 @@ fn malformed_input_never_fails_a_request_and_is_counted() {
     assert_eq!(counter("baggage_member"), 4);
     assert_eq!(counter("peer_metadata"), 3);
     for logged in [
-        "skipped malformed caller input: baggage_oversizedx1",
-        "skipped malformed caller input: baggage_memberx2",
-        "skipped malformed caller input: peer_metadatax1",
+        "skipped malformed caller input: baggage_oversized x1",
+        "skipped malformed caller input: baggage_member x2",
+        "skipped malformed caller input: peer_metadata x1",
     ] {
         mesh.callee
             .wait_for_log(logged, Duration::from_secs(10))

@@ -225,7 +225,7 @@ impl Stream {
         if debug_enabled() {
             let summary: Vec<String> = problems
                 .iter()
-                .map(|(problem, count)| format!("{}x{count}", problem.as_str()))
+                .map(|(problem, count)| format!("{} x{count}", problem.as_str()))
                 .collect();
             log(
                 LogLevel::Debug,
