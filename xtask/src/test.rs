@@ -204,9 +204,16 @@ fn wasm_build(ws: &Workspace) -> Result<Outcome> {
     Ok(Outcome::Passed)
 }
 
+/// Where the harness keeps compiled modules: inside the checkout, so that CI caches nothing
+/// a fresh machine would lack.
+fn harness_cache(ws: &Workspace) -> std::path::PathBuf {
+    ws.root.join("target").join("eastwest-harness-cache")
+}
+
 fn unit_tests(ws: &Workspace) -> Result<Outcome> {
     Cmd::cargo()
         .args(["test", "--workspace", "--exclude", "eastwest-e2e"])
+        .env("EASTWEST_HARNESS_CACHE", harness_cache(ws))
         .current_dir(&ws.root)
         .run()?;
     Ok(Outcome::Passed)
@@ -271,6 +278,7 @@ fn e2e_tests(ws: &Workspace) -> Result<Outcome> {
     Cmd::cargo()
         .args(["test", "-p", "eastwest-e2e"])
         .env(envoy::ENVOY_ENV_VAR, &envoy)
+        .env("EASTWEST_HARNESS_CACHE", harness_cache(ws))
         .current_dir(&ws.root)
         .run()?;
     Ok(Outcome::Passed)

@@ -1,0 +1,17 @@
+//! eastwest-harness: a proxy-wasm host on wasmtime that behaves like Envoy's, for filter tests,
+//! fuzzing and benchmarks. See the crate README for the API, the CLI and the known differences.
+
+pub mod abi;
+pub mod harness;
+pub mod host;
+pub mod metrics;
+pub mod probe;
+pub mod properties;
+pub mod scenario;
+
+pub use harness::{
+    Harness, HarnessError, HttpAnswer, HttpCallRecord, LocalReply, Message, Options, StreamId,
+    StreamResult, TrapRecord,
+};
+pub use host::LogEntry;
+pub use metrics::MetricSnapshot;

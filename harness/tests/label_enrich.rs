@@ -1,0 +1,184 @@
+//! label-enrich's fast integration tests: dist/label-enrich.wasm in the harness (no Envoy).
+
+use eastwest_common::metric_name::stats_tag_regex;
+use eastwest_harness::{Harness, Message, Options};
+use serde_json::{json, Value};
+
+const CALLER_LABELS: &str = "service.name=frontend,k8s.namespace.name=shop,\
+    deployment.environment.name=prod,cloud.region=eu-west-1,eastwest.team=web,\
+    service.criticality=high";
+const CALLEE_LABELS: &str = "service.name=checkout,k8s.namespace.name=shop,\
+    deployment.environment.name=prod,cloud.region=eu-west-1,eastwest.team=payments,\
+    service.criticality=critical";
+
+fn wasm() -> Vec<u8> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/label-enrich.wasm");
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (run `cargo xtask build`)"))
+}
+
+/// An Istio sidecar's node, as Envoy 1.40 exposes it: `xds.node`, plus the listener direction.
+fn sidecar(workload: &str, team: &str, criticality: &str, direction: i64) -> Value {
+    json!({"xds": {
+        "listener_direction": direction,
+        "node": {
+            "id": format!("sidecar~127.0.0.1~{workload}-0.shop~shop.svc.cluster.local"),
+            "cluster": format!("{workload}.shop"),
+            "metadata": {
+                "NAME": format!("{workload}-7d9f-0"),
+                "NAMESPACE": "shop",
+                "WORKLOAD_NAME": format!("{workload}-v1"),
+                "LABELS": {"app": workload, "team": team, "criticality": criticality, "environment": "prod"},
+            },
+            "locality": {"region": "eu-west-1", "zone": "eu-west-1a"},
+        },
+    }})
+}
+
+fn harness(config: Value, properties: Value, workers: usize) -> Harness {
+    Harness::new(
+        &wasm(),
+        Options {
+            config: config.to_string().into_bytes(),
+            properties,
+            workers,
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn outbound_stamps_baggage_from_node_metadata_and_keeps_other_members() {
+    let mut h = harness(json!({}), sidecar("frontend", "web", "high", 2), 2);
+    let request = Message::get("/")
+        .header(
+            "baggage",
+            "userid=alice%20b;prop=1, session=x,service.name=forged",
+        )
+        .header("baggage", "tenant=acme");
+    let id = h.run(1, None, request, None);
+    let result = h.result(id);
+    let upstream = result.upstream_request.expect("reaches the upstream");
+    assert_eq!(
+        upstream.header_values("baggage"),
+        vec![format!(
+            "{CALLER_LABELS},userid=alice%20b;prop=1, session=x,tenant=acme"
+        )]
+    );
+    assert!(result.local_reply.is_none());
+    assert_eq!(
+        result.downstream_response.unwrap().get_header(":status"),
+        Some("200")
+    );
+    assert!(result.instructions > 0);
+    assert!(h.traps.is_empty(), "{:?}", h.traps);
+}
+
+#[test]
+fn outbound_removes_the_peer_header_from_the_response() {
+    let mut h = harness(json!({}), sidecar("frontend", "web", "high", 2), 1);
+    let upstream = Message::status(200)
+        .header("x-eastwest-peer", CALLEE_LABELS)
+        .body("ok");
+    let id = h.run(0, None, Message::get("/"), Some((upstream, 0)));
+    let response = h.result(id).downstream_response.unwrap();
+    assert_eq!(response.get_header("x-eastwest-peer"), None);
+    assert_eq!(response.body, b"ok");
+}
+
+#[test]
+fn inbound_with_peer_trust_any_sets_the_source_header_and_answers_with_its_labels() {
+    let mut h = harness(
+        json!({"peer_trust": "any"}),
+        sidecar("checkout", "payments", "critical", 1),
+        1,
+    );
+    let request = Message::get("/").header("baggage", &format!("{CALLER_LABELS},userid=7"));
+    let id = h.run(0, None, request, None);
+    let result = h.result(id);
+    let upstream = result.upstream_request.unwrap();
+    assert_eq!(
+        upstream.get_header("x-eastwest-source"),
+        Some(CALLER_LABELS)
+    );
+    let response = result.downstream_response.unwrap();
+    assert_eq!(response.get_header("x-eastwest-peer"), Some(CALLEE_LABELS));
+}
+
+#[test]
+fn inbound_refuses_claims_without_mtls_and_counts_them() {
+    let mut h = harness(json!({}), sidecar("checkout", "payments", "critical", 1), 1);
+    let request = Message::get("/")
+        .header("baggage", "service.name=admin,userid=7")
+        .header("x-eastwest-source", "service.name=admin");
+    let id = h.run(0, None, request, None);
+    let upstream = h.result(id).upstream_request.unwrap();
+    assert_eq!(upstream.get_header("x-eastwest-source"), None);
+    assert_eq!(
+        upstream.header_values("baggage"),
+        vec!["userid=7".to_string()]
+    );
+    let name = "peer=.=source;.;reason=.=no_mtls;.;eastwest_label_enrich_claims_refused_total";
+    assert_eq!(h.metric(name), Some(1));
+    let tags: Vec<(String, String)> = ["reason", "peer"]
+        .iter()
+        .map(|tag| (tag.to_string(), stats_tag_regex(tag)))
+        .collect();
+    let text = h.prometheus(&tags).unwrap();
+    assert!(
+        text.contains(
+            "eastwest_label_enrich_claims_refused_total{reason=\"no_mtls\",peer=\"source\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE eastwest_label_enrich_malformed_total counter"),
+        "{text}"
+    );
+}
+
+#[test]
+fn inbound_trusts_an_mtls_peer_whose_spiffe_namespace_matches() {
+    let mut h = harness(json!({}), sidecar("checkout", "payments", "critical", 1), 1);
+    let connection = json!({"connection": {
+        "mtls": true,
+        "uri_san_peer_certificate": "spiffe://cluster.local/ns/shop/sa/frontend",
+    }});
+    let request = Message::get("/").header("baggage", &format!("{CALLER_LABELS},userid=7"));
+    let id = h.run(0, Some(&connection), request, None);
+    let upstream = h.result(id).upstream_request.unwrap();
+    assert_eq!(
+        upstream.get_header("x-eastwest-source"),
+        Some(CALLER_LABELS)
+    );
+}
+
+#[test]
+fn invalid_configuration_is_refused_with_the_field_named() {
+    let error = Harness::new(
+        &wasm(),
+        Options {
+            config: br#"{"peer_trust": "sometimes"}"#.to_vec(),
+            ..Options::default()
+        },
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        error.0.contains("proxy_on_configure returned false"),
+        "{error}"
+    );
+    assert!(error.0.contains("peer_trust"), "{error}");
+}
+
+#[test]
+fn unknown_direction_passes_traffic_and_warns_once() {
+    let mut h = harness(json!({}), json!({}), 1);
+    for _ in 0..2 {
+        let id = h.run(0, None, Message::get("/").header("baggage", "a=1"), None);
+        let upstream = h.result(id).upstream_request.unwrap();
+        assert_eq!(upstream.header_values("baggage"), vec!["a=1".to_string()]);
+    }
+    let warnings = h.logs().into_iter().filter(|l| l.level == "warn").count();
+    assert_eq!(warnings, 1);
+}
