@@ -38,4 +38,6 @@ pub use bootstrap::{
 pub use certs::{TestCa, WorkloadCert};
 pub use client::{http2_request, http_request, http_request_with, RequestOptions, Response};
 pub use envoy::{Envoy, EnvoyOptions};
-pub use paths::{dist_wasm, envoy_binary, free_port, workspace_root, ENVOY_VERSION};
+pub use paths::{
+    dist_wasm, envoy_binary, free_port, sdk_filter_wasm, workspace_root, ENVOY_VERSION,
+};

@@ -81,6 +81,21 @@ pub fn dist_wasm(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// One of the harness's SDK example filters built by `cargo xtask build`:
+/// `<workspace>/target/sdk-filters/<name>.wasm`.
+pub fn sdk_filter_wasm(name: &str) -> Result<PathBuf> {
+    let path = workspace_root()
+        .join("target/sdk-filters")
+        .join(format!("{name}.wasm"));
+    if !path.is_file() {
+        bail!(
+            "{} not found; run `cargo xtask build` to build the SDK example filters",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed
 /// out before, so two listeners of one test never collide with each other.
 ///

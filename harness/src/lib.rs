@@ -2,6 +2,7 @@
 //! fuzzing and benchmarks. See the crate README for the API, the CLI and the known differences.
 
 pub mod abi;
+pub mod bench;
 pub mod harness;
 pub mod host;
 pub mod metrics;

@@ -1,12 +1,19 @@
 //! `eastwest-harness run FILTER.wasm --scenario SCENARIO.yaml [--config CONFIG.json]
 //! [--workers N] [--root-id ID] [--prometheus]`
+//! `eastwest-harness bench [--modules DIR] [--requests N]``
 
 use std::process::ExitCode;
 
 use eastwest_harness::scenario::{self, Overrides};
 
 const USAGE: &str = "usage: eastwest-harness run FILTER.wasm --scenario SCENARIO.yaml \
-[--config CONFIG.json] [--workers N] [--root-id ID] [--prometheus]";
+[--config CONFIG.json] [--workers N] [--root-id ID] [--prometheus]
+       eastwest-harness bench [--modules DIR] [--requests N]
+         requests per second through a no-op filter on one core, and requests per second and
+         wasm instructions per request of every DIR/*.wasm (default dist/), outbound and inbound";
+
+/// Requests timed through the no-op filter by default (a quarter of that through each module).
+const DEFAULT_BENCH_REQUESTS: usize = 20_000;
 
 /// Exit codes: 0 success, 1 a guest trap, 2 usage or bad scenario, 3 bad module or start failure.
 fn main() -> ExitCode {
@@ -25,6 +32,7 @@ fn run(args: &[String]) -> Result<ExitCode, (u8, String)> {
     let mut iter = args.iter();
     match iter.next().map(String::as_str) {
         Some("run") => {}
+        Some("bench") => return bench(&args[1..]),
         Some("-h" | "--help") | None => return Err(usage("")),
         Some(other) => return Err(usage(&format!("unknown command {other:?}"))),
     }
@@ -94,5 +102,40 @@ fn run(args: &[String]) -> Result<ExitCode, (u8, String)> {
             ),
         ));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(args: &[String]) -> Result<ExitCode, (u8, String)> {
+    let usage = |message: &str| (2u8, format!("{message}\n{USAGE}"));
+    let (mut modules, mut requests) = ("dist".to_string(), DEFAULT_BENCH_REQUESTS);
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let mut value = |name: &str| {
+            iter.next()
+                .cloned()
+                .ok_or_else(|| usage(&format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "--modules" => modules = value("--modules")?,
+            "--requests" => {
+                let text = value("--requests")?;
+                requests =
+                    text.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        usage(&format!("--requests: not a positive number: {text}"))
+                    })?;
+            }
+            other => return Err(usage(&format!("unknown argument {other:?}"))),
+        }
+    }
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "eastwest-harness: a debug build: requests/s are far below a release build's \
+             (instructions/request are the same)"
+        );
+    }
+    let figures = eastwest_harness::bench::run(std::path::Path::new(&modules), requests)
+        .map_err(|e| (3, e.0))?;
+    println!("eastwest-harness: one worker on one core, {requests} requests through the no-op filter, {} through each module in {modules}/", (requests / 4).max(1));
+    print!("{}", eastwest_harness::bench::table(&figures));
     Ok(ExitCode::SUCCESS)
 }

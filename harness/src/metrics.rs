@@ -146,11 +146,8 @@ fn labels(tags: &[(String, String)], extra: Option<(&str, String)>) -> String {
     if let Some((key, value)) = extra {
         parts.push(format!("{key}=\"{value}\""));
     }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
-    }
+    // Envoy prints the braces even without labels: `name{} 3`.
+    format!("{{{}}}", parts.join(","))
 }
 
 fn format_bound(bound: f64) -> String {

@@ -123,3 +123,34 @@ fn a_trap_exits_with_1_and_still_prints_the_document() {
     assert_eq!(doc["streams"][0]["local_reply"]["status"], 503);
     assert!(doc["streams"][0]["upstream_request"].is_null());
 }
+
+#[test]
+fn bench_prints_a_row_for_the_no_op_filter_and_each_module_and_direction() {
+    let (code, stdout, stderr) = run(&["bench", "--requests", "8"]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(2)
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    let names: Vec<String> = rows
+        .iter()
+        .map(|row| row[..row.len() - 2].join(" "))
+        .collect();
+    assert_eq!(names[0], "trivial (no-op)");
+    assert!(
+        names.contains(&"label-enrich outbound".to_string()),
+        "{stdout}"
+    );
+    assert!(
+        names.contains(&"label-enrich inbound".to_string()),
+        "{stdout}"
+    );
+    for row in &rows {
+        let instructions: u64 = row[row.len() - 1].parse().unwrap();
+        assert!(instructions > 0, "{stdout}");
+    }
+    let (code, _, stderr) = run(&["bench", "--requests", "0"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--requests"), "{stderr}");
+}

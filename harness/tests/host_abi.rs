@@ -143,7 +143,7 @@ fn metrics_follow_envoys_semantics() {
         "{text}"
     );
     assert!(text.contains("h_bucket{le=\"10\"} 1\n"), "{text}");
-    assert!(text.contains("h_sum 7\nh_count 1\n"), "{text}");
+    assert!(text.contains("h_sum{} 7\nh_count{} 1\n"), "{text}");
 }
 
 #[test]

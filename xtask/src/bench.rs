@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: load-tests every filter inside real Envoy with `eastwest-bench`.
+//! `cargo xtask bench`: load-tests every filter inside real Envoy with `eastwest-bench`, then
+//! prints the harness's figures (`eastwest-harness bench`).
 
 use crate::error::{bail, Result};
 use crate::process::Cmd;
@@ -15,6 +16,11 @@ missing, then runs
       --filter <name>=dist/<name>.wasm ... <eastwest-bench options>
 with EASTWEST_ENVOY set. Everything after `--` goes to eastwest-bench, e.g.
   cargo xtask bench -- --duration 30s
+Then runs
+  cargo run --release -p eastwest-harness -- bench --modules dist
+which prints requests per second through a no-op filter on one core in the harness, and the
+wasm instructions per request of each filter in dist/, outbound and inbound. The first run
+compiles wasmtime in release (several minutes on two cores).
 ";
 
 /// The arguments for `eastwest-bench`, or `None` when help was asked for.
@@ -57,7 +63,26 @@ pub fn bench(ws: &Workspace, bench_args: &[String]) -> Result<()> {
             .arg("--filter")
             .arg(format!("{}={}", module.filter_name, relative.display()));
     }
-    cargo.args(bench_args).run()
+    cargo.args(bench_args).run()?;
+
+    println!("\nThe same filters in the harness (exact instructions per request):");
+    Cmd::cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "eastwest-harness",
+            "--",
+            "bench",
+            "--modules",
+            "dist",
+        ])
+        .env(
+            "EASTWEST_HARNESS_CACHE",
+            ws.root.join("target").join("eastwest-harness-cache"),
+        )
+        .current_dir(&ws.root)
+        .run()
 }
 
 #[cfg(test)]

@@ -1,18 +1,23 @@
-//! `cargo xtask build`: every filter to wasm32 in release, copied to `dist/<filter>.wasm`.
+//! `cargo xtask build`: every filter to wasm32 in release, copied to `dist/<filter>.wasm`; the
+//! harness's SDK example filters to `target/sdk-filters/<name>.wasm`.
 
 use std::fs;
 use std::path::PathBuf;
 
 use crate::error::{bail, Context, Result};
 use crate::process::{find_on_path, Cmd};
-use crate::workspace::{Workspace, WASM_TARGET};
+use crate::workspace::{SdkFilter, Workspace, WASM_TARGET};
 
 pub const HELP: &str = "\
 cargo xtask build
 
 Builds every filter under filters/ (crate eastwest-<name>) for wasm32-unknown-unknown in
 release, in one cargo invocation, copies each module to dist/<name>.wasm and prints the sizes.
-Adds the rustup target wasm32-unknown-unknown first if it is missing.
+Then builds the harness's SDK example filters (harness/sdk-filters/<name>/, package
+sdk-<name>) for their target (wasm32-unknown-unknown, or wasm32-wasip1 when the manifest says
+`[package.metadata.sdk-filter] target = \"wasm32-wasip1\"`) into target/sdk-filters/<name>.wasm:
+test inputs for the harness and the end-to-end tests, not shipped, not in dist/.
+Adds the rustup targets first if they are missing.
 ";
 
 pub struct BuiltModule {
@@ -24,7 +29,57 @@ pub struct BuiltModule {
 pub fn build(ws: &Workspace) -> Result<Vec<BuiltModule>> {
     let modules = build_wasm_modules(ws)?;
     print_size_table(&modules);
+    let sdk_filters = build_sdk_filters(ws)?;
+    if !sdk_filters.is_empty() {
+        println!("\nSDK example filters (harness tests only, not shipped):");
+        for path in sdk_filters {
+            let relative = path.strip_prefix(&ws.root).unwrap_or(&path);
+            println!("  {}", relative.display());
+        }
+    }
     Ok(modules)
+}
+
+/// Builds the SDK example filters, one cargo invocation per target, into
+/// `target/sdk-filters/<name>.wasm`; returns the paths written.
+fn build_sdk_filters(ws: &Workspace) -> Result<Vec<PathBuf>> {
+    let filters = ws.sdk_filters()?;
+    let mut targets: Vec<&str> = filters.iter().map(|f| f.target.as_str()).collect();
+    targets.sort();
+    targets.dedup();
+    for target in &targets {
+        ensure_rust_target(target)?;
+        let mut cargo = Cmd::cargo()
+            .args(["build", "--release", "--target", target])
+            .current_dir(&ws.root);
+        for filter in filters.iter().filter(|f| f.target == *target) {
+            cargo = cargo.args(["-p", &filter.package]);
+        }
+        cargo.run()?;
+    }
+    let out_dir = ws.sdk_filters_out_dir();
+    fs::create_dir_all(&out_dir).context(format!("creating {}", out_dir.display()))?;
+    filters
+        .iter()
+        .map(|filter| copy_sdk_filter(ws, filter, &out_dir))
+        .collect()
+}
+
+fn copy_sdk_filter(
+    ws: &Workspace,
+    filter: &SdkFilter,
+    out_dir: &std::path::Path,
+) -> Result<PathBuf> {
+    let artifact = ws
+        .release_dir(&filter.target)
+        .join(filter.artifact_file_name());
+    let path = out_dir.join(format!("{}.wasm", filter.name));
+    fs::copy(&artifact, &path).context(format!(
+        "copying {} to {} (the crate needs `crate-type = [\"cdylib\"]`)",
+        artifact.display(),
+        path.display()
+    ))?;
+    Ok(path)
 }
 
 pub fn build_wasm_modules(ws: &Workspace) -> Result<Vec<BuiltModule>> {
@@ -36,7 +91,7 @@ pub fn build_wasm_modules(ws: &Workspace) -> Result<Vec<BuiltModule>> {
             ws.filters_dir().display()
         );
     }
-    ensure_wasm_target()?;
+    ensure_rust_target(WASM_TARGET)?;
 
     let mut cargo = Cmd::cargo()
         .args(["build", "--release", "--target", WASM_TARGET])
@@ -79,14 +134,14 @@ pub fn build_wasm_modules(ws: &Workspace) -> Result<Vec<BuiltModule>> {
     Ok(modules)
 }
 
-/// Without the wasm32 standard library the build fails with an obscure "can't find crate for
+/// Without the target's standard library the build fails with an obscure "can't find crate for
 /// `core`", so check first and add it.
-fn ensure_wasm_target() -> Result<()> {
+fn ensure_rust_target(target: &str) -> Result<()> {
     if find_on_path("rustup").is_none() {
         println!(
             "note: rustup is not on PATH, so xtask cannot check that the Rust standard library \
-             for {WASM_TARGET} is installed. If the build fails with \"can't find crate for \
-             `core`\", add it by hand: with rustup, `rustup target add {WASM_TARGET}`; with a \
+             for {target} is installed. If the build fails with \"can't find crate for \
+             `core`\", add it by hand: with rustup, `rustup target add {target}`; with a \
              distribution's Rust, its wasm32 standard library package (Debian: \
              libstd-rust-dev-wasm32)."
         );
@@ -102,16 +157,14 @@ fn ensure_wasm_target() -> Result<()> {
         );
     }
     let installed = String::from_utf8_lossy(&output.stdout);
-    if installed.lines().any(|line| line.trim() == WASM_TARGET) {
+    if installed.lines().any(|line| line.trim() == target) {
         return Ok(());
     }
     println!(
-        "The filters compile to {WASM_TARGET}, whose Rust standard library is not installed \
-         for this toolchain; adding it with rustup (once)."
+        "The build needs {target}, whose Rust standard library is not installed for this \
+         toolchain; adding it with rustup (once)."
     );
-    Cmd::new("rustup")
-        .args(["target", "add", WASM_TARGET])
-        .run()
+    Cmd::new("rustup").args(["target", "add", target]).run()
 }
 
 fn print_size_table(modules: &[BuiltModule]) {

@@ -20,14 +20,16 @@ cargo xtask <command> [options]
 
 Commands:
   build   build every filter for wasm32 in release and copy it to dist/<filter>.wasm;
-          prints each module's size
+          prints each module's size; also builds the harness's SDK example filters into
+          target/sdk-filters/ (test inputs, not shipped)
   test    run every check CI runs (CI calls exactly `cargo xtask test`): format, clippy,
           wasm build, unit tests natively and on wasm32 under Node, end-to-end tests
           against real Envoy 1.40.0
             --skip-e2e   everything but the end-to-end tests (no Envoy needed)
             --only-e2e   only the wasm build and the end-to-end tests
   bench   load-test the filters inside real Envoy with wrk; arguments after `--` go to
-          the benchmark, e.g. `cargo xtask bench -- --duration 30s`
+          the benchmark, e.g. `cargo xtask bench -- --duration 30s`; then prints the
+          harness's figures (`eastwest-harness bench`: requests/s, instructions/request)
   help    this text; `cargo xtask <command> --help` for a command's details
 
 Environment:

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{bail, Context, Result};
 
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
+/// The other target an SDK example filter may ask for (WASI preview1 builds).
+pub const WASI_TARGET: &str = "wasm32-wasip1";
 
 /// `filters/common` is the shared library, not a filter with its own module.
 const SHARED_LIBRARY_DIR: &str = "common";
@@ -19,6 +21,17 @@ pub struct Workspace {
 pub struct Filter {
     pub name: String,
     pub package: String,
+}
+
+/// A small filter written the way proxy-wasm SDK users write them, used only to test the
+/// harness against Envoy: `harness/sdk-filters/<name>/`, package `sdk-<name>`, module
+/// `target/sdk-filters/<name>.wasm`, built for the target in its
+/// `[package.metadata.sdk-filter] target = "..."` (default wasm32-unknown-unknown).
+#[derive(Debug, PartialEq, Eq)]
+pub struct SdkFilter {
+    pub name: String,
+    pub package: String,
+    pub target: String,
 }
 
 /// A crate under `filters/` (filter or shared library) whose unit tests also run on wasm32.
@@ -42,6 +55,17 @@ impl Workspace {
         self.root.join("filters")
     }
 
+    pub fn sdk_filters_dir(&self) -> PathBuf {
+        self.root.join("harness").join("sdk-filters")
+    }
+
+    /// Where the SDK example filters' modules go: `<workspace>/target/sdk-filters/` (where the
+    /// tests look, whatever `CARGO_TARGET_DIR` says), not dist/: they are test inputs, not part
+    /// of the product.
+    pub fn sdk_filters_out_dir(&self) -> PathBuf {
+        self.root.join("target").join("sdk-filters")
+    }
+
     pub fn dist_dir(&self) -> PathBuf {
         self.root.join("dist")
     }
@@ -55,17 +79,30 @@ impl Workspace {
         discover_filters(&self.filters_dir())
     }
 
+    pub fn sdk_filters(&self) -> Result<Vec<SdkFilter>> {
+        discover_sdk_filters(&self.sdk_filters_dir())
+    }
+
     pub fn wasm_tested_crates(&self) -> Result<Vec<WasmTestedCrate>> {
         discover_wasm_tested_crates(&self.filters_dir())
     }
 
-    /// Where cargo puts release wasm artifacts, honouring `CARGO_TARGET_DIR`.
-    pub fn wasm_release_dir(&self) -> PathBuf {
-        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+    /// Cargo's target directory, honouring `CARGO_TARGET_DIR`.
+    pub fn target_dir(&self) -> PathBuf {
+        std::env::var_os("CARGO_TARGET_DIR")
             .filter(|dir| !dir.is_empty())
             .map(|dir| self.root.join(dir)) // join keeps an absolute dir as it is
-            .unwrap_or_else(|| self.root.join("target"));
-        target_dir.join(WASM_TARGET).join("release")
+            .unwrap_or_else(|| self.root.join("target"))
+    }
+
+    /// Where cargo puts release wasm artifacts for the filters' target.
+    pub fn wasm_release_dir(&self) -> PathBuf {
+        self.release_dir(WASM_TARGET)
+    }
+
+    /// Where cargo puts release artifacts for `target`.
+    pub fn release_dir(&self, target: &str) -> PathBuf {
+        self.target_dir().join(target).join("release")
     }
 
     pub fn cargo_lock(&self) -> Result<String> {
@@ -125,6 +162,44 @@ pub fn discover_filters(filters_dir: &Path) -> Result<Vec<Filter>> {
     Ok(filters)
 }
 
+pub fn discover_sdk_filters(sdk_filters_dir: &Path) -> Result<Vec<SdkFilter>> {
+    if !sdk_filters_dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut filters = Vec::new();
+    for (name, manifest_path, manifest) in crate_dirs(sdk_filters_dir)? {
+        let expected = format!("sdk-{name}");
+        if package_name(&manifest).as_deref() != Some(expected.as_str()) {
+            bail!(
+                "{} must name the package {expected:?} (SDK example filters are \
+                 harness/sdk-filters/<name>/, package sdk-<name>)",
+                manifest_path.display()
+            );
+        }
+        let target = table_value(&manifest, "[package.metadata.sdk-filter]", "target")
+            .unwrap_or_else(|| WASM_TARGET.to_owned());
+        if target != WASM_TARGET && target != WASI_TARGET {
+            bail!(
+                "{}: target {target:?} is neither {WASM_TARGET} nor {WASI_TARGET}",
+                manifest_path.display()
+            );
+        }
+        filters.push(SdkFilter {
+            name,
+            package: expected,
+            target,
+        });
+    }
+    Ok(filters)
+}
+
+impl SdkFilter {
+    /// The file cargo writes for this filter: a cdylib named after the package.
+    pub fn artifact_file_name(&self) -> String {
+        format!("{}.wasm", self.package.replace('-', "_"))
+    }
+}
+
 pub fn discover_wasm_tested_crates(filters_dir: &Path) -> Result<Vec<WasmTestedCrate>> {
     let mut crates = Vec::new();
     for (_, manifest_path, manifest) in crate_dirs(filters_dir)? {
@@ -141,12 +216,17 @@ pub fn discover_wasm_tested_crates(filters_dir: &Path) -> Result<Vec<WasmTestedC
 
 /// `name` from the `[package]` table of a Cargo.toml; enough TOML for the manifests we write.
 pub fn package_name(manifest: &str) -> Option<String> {
-    let mut in_package = false;
+    table_value(manifest, "[package]", "name")
+}
+
+/// The string value of `key` in the table headed `table` (e.g. `[package]`) of a Cargo.toml.
+fn table_value(manifest: &str, table: &str, key: &str) -> Option<String> {
+    let mut in_table = false;
     for line in manifest.lines().map(str::trim) {
         if line.starts_with('[') {
-            in_package = line == "[package]";
-        } else if in_package {
-            if let Some(value) = key_value(line, "name") {
+            in_table = line == table;
+        } else if in_table {
+            if let Some(value) = key_value(line, key) {
                 return Some(value.to_owned());
             }
         }
@@ -280,6 +360,43 @@ version = "0.2.100"
             wasm_tested,
             vec!["eastwest-common", "eastwest-retry-budget"]
         );
+    }
+
+    #[test]
+    fn sdk_filters_are_built_for_their_declared_target() {
+        let dir = TempDir::new("sdk-filters");
+        dir.write(
+            "tick-counter/Cargo.toml",
+            "[package]\nname = \"sdk-tick-counter\"\n",
+        );
+        dir.write(
+            "configured-header/Cargo.toml",
+            "[package]\nname = \"sdk-configured-header\"\n\n[package.metadata.sdk-filter]\ntarget = \"wasm32-wasip1\"\n",
+        );
+        let filters = discover_sdk_filters(dir.path()).unwrap();
+        assert_eq!(
+            filters,
+            vec![
+                SdkFilter {
+                    name: "configured-header".into(),
+                    package: "sdk-configured-header".into(),
+                    target: WASI_TARGET.into(),
+                },
+                SdkFilter {
+                    name: "tick-counter".into(),
+                    package: "sdk-tick-counter".into(),
+                    target: WASM_TARGET.into(),
+                },
+            ]
+        );
+        assert_eq!(
+            filters[0].artifact_file_name(),
+            "sdk_configured_header.wasm"
+        );
+
+        dir.write("bad/Cargo.toml", "[package]\nname = \"bad\"\n");
+        let error = discover_sdk_filters(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("\"sdk-bad\""), "{error}");
     }
 
     #[test]
