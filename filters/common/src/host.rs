@@ -119,3 +119,87 @@ pub fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> Result<(), 
         status => Err(status),
     }
 }
+
+/// A property's raw value; `None` when absent or when the host refuses.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    proxy_wasm::hostcalls::get_property(path.to_vec())
+        .ok()
+        .flatten()
+}
+
+/// The first of several property paths that exists (newer Envoy names first).
+fn property_any(paths: &[&[&str]]) -> Option<Vec<u8>> {
+    paths.iter().find_map(|path| property(path))
+}
+
+/// The serialized `Node` Envoy runs as: `xds.node`, or `node` on Envoy before the `xds`
+/// attributes; `None` when neither is available (yet: some hosts expose it only to streams).
+pub fn node() -> Option<Vec<u8>> {
+    property_any(&[&["xds", "node"], &["node"]])
+}
+
+/// The traffic direction of the listener the stream came in on.
+pub fn listener_direction() -> Option<crate::properties::Direction> {
+    let value = property_any(&[&["xds", "listener_direction"], &["listener_direction"]])?;
+    crate::properties::decode_int64(&value)
+        .and_then(crate::properties::Direction::from_traffic_direction)
+}
+
+/// What the downstream connection proves: mTLS and the client certificate's SPIFFE ID.
+///
+/// A property read costs microseconds in Envoy, so the common cases take one: a URI SAN can
+/// only come from a certificate the peer presented, which answers both questions.
+pub fn downstream_identity(trust: crate::config::PeerTrust) -> crate::trust::PeerIdentity {
+    use crate::trust::{PeerIdentity, SpiffeId};
+    if let Some(uri) = property(&["connection", "uri_san_peer_certificate"]) {
+        return PeerIdentity {
+            mtls: true,
+            spiffe: SpiffeId::parse(&uri),
+        };
+    }
+    // Without a URI SAN nothing is proven; whether the peer used mTLS only decides which
+    // refusal is counted (`no_mtls` or `no_spiffe_id`), which only the `mtls` mode reports.
+    let mtls = trust == crate::config::PeerTrust::Mtls
+        && property(&["connection", "mtls"])
+            .and_then(|value| crate::properties::decode_bool(&value))
+            .unwrap_or(false);
+    PeerIdentity { mtls, spiffe: None }
+}
+
+/// What the upstream connection proves: the server certificate's SPIFFE ID, which Envoy has
+/// verified when the cluster's TLS context has a validation context.
+pub fn upstream_identity() -> crate::trust::PeerIdentity {
+    let spiffe = property(&["upstream", "uri_san_peer_certificate"])
+        .and_then(|uri| crate::trust::SpiffeId::parse(&uri));
+    crate::trust::PeerIdentity {
+        mtls: spiffe.is_some(),
+        spiffe,
+    }
+}
+
+/// This workload's labels: the configuration's `local` first, then the node's metadata.
+pub struct OwnLabels {
+    pub labels: crate::labels::Labels,
+    /// Node metadata values present but invalid (ignored).
+    pub invalid_values: u32,
+    /// Why the node could not be decoded, when it could not (only `local` applies then).
+    pub undecodable: Option<String>,
+}
+
+/// Resolves this workload's labels; `None` when the host does not expose the node (yet).
+pub fn own_labels(settings: &crate::resolve::LabelSettings) -> Option<OwnLabels> {
+    let bytes = node()?;
+    let mut own = OwnLabels {
+        labels: settings.local.clone(),
+        invalid_values: 0,
+        undecodable: None,
+    };
+    match crate::properties::labels_from_node(&bytes, &settings.label_keys) {
+        Ok(resolved) => {
+            own.invalid_values = resolved.invalid_values;
+            own.labels.fill_from(&resolved.labels);
+        }
+        Err(error) => own.undecodable = Some(error.to_string()),
+    }
+    Some(own)
+}

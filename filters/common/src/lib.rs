@@ -11,6 +11,7 @@ pub mod labels;
 pub mod metric_name;
 pub mod peer;
 pub mod properties;
+pub mod resolve;
 pub mod trust;
 
 pub use labels::{Label, Labels};

@@ -1,9 +1,9 @@
 //! The label-enrich configuration (docs/filters/label-enrich.md is its reference).
 
-use eastwest_common::baggage::DEFAULT_MAX_BAGGAGE_BYTES;
 use eastwest_common::config::{ConfigError, PeerTrust};
-use eastwest_common::labels::{LabelKeys, Labels, LocalLabels};
+use eastwest_common::labels::{LabelKeys, LocalLabels};
 use eastwest_common::properties::Direction;
+use eastwest_common::resolve::LabelSettings;
 use serde::Deserialize;
 
 /// The configuration as users write it.
@@ -35,59 +35,21 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub direction: Option<Direction>,
-    pub local: Labels,
-    pub label_keys: LabelKeys,
-    pub peer_trust: PeerTrust,
-    pub trust_domain: Option<String>,
-    pub max_baggage_bytes: usize,
+    pub labels: LabelSettings,
 }
-
-/// Bounds on `max_baggage_bytes`: below 256 no real baggage fits; above 64 KiB a header
-/// exceeds every proxy's default limits anyway.
-const MAX_BAGGAGE_BYTES_RANGE: std::ops::RangeInclusive<usize> = 256..=65536;
 
 impl Settings {
     pub fn parse(bytes: &[u8]) -> Result<Settings, ConfigError> {
-        Settings::from_config(eastwest_common::config::parse(bytes)?)
-    }
-
-    fn from_config(config: Config) -> Result<Settings, ConfigError> {
-        let local = config.local.to_labels()?;
-        for (path, key) in [
-            ("label_keys.environment", &config.label_keys.environment),
-            ("label_keys.team", &config.label_keys.team),
-            ("label_keys.criticality", &config.label_keys.criticality),
-        ] {
-            if key.is_empty() {
-                return Err(ConfigError::new(path, "must not be empty"));
-            }
-        }
-        if config
-            .trust_domain
-            .as_deref()
-            .is_some_and(|domain| domain.is_empty() || domain.contains('/'))
-        {
-            return Err(ConfigError::new(
-                "trust_domain",
-                "must be a SPIFFE trust domain such as cluster.local",
-            ));
-        }
-        let max_baggage_bytes = config
-            .max_baggage_bytes
-            .unwrap_or(DEFAULT_MAX_BAGGAGE_BYTES);
-        if !MAX_BAGGAGE_BYTES_RANGE.contains(&max_baggage_bytes) {
-            return Err(ConfigError::new(
-                "max_baggage_bytes",
-                format!("{max_baggage_bytes} is outside 256..=65536"),
-            ));
-        }
+        let config: Config = eastwest_common::config::parse(bytes)?;
         Ok(Settings {
             direction: config.direction,
-            local,
-            label_keys: config.label_keys,
-            peer_trust: config.peer_trust,
-            trust_domain: config.trust_domain,
-            max_baggage_bytes,
+            labels: LabelSettings::new(
+                &config.local,
+                config.label_keys,
+                config.peer_trust,
+                config.trust_domain,
+                config.max_baggage_bytes,
+            )?,
         })
     }
 }
@@ -103,10 +65,10 @@ mod tests {
     fn empty_configuration_means_defaults() {
         let settings = Settings::parse(b"").unwrap();
         assert_eq!(settings.direction, None);
-        assert_eq!(settings.peer_trust, PeerTrust::Mtls);
-        assert_eq!(settings.max_baggage_bytes, 8192);
-        assert_eq!(settings.label_keys, LabelKeys::default());
-        assert!(settings.local.is_empty());
+        assert_eq!(settings.labels.peer_trust, PeerTrust::Mtls);
+        assert_eq!(settings.labels.max_baggage_bytes, 8192);
+        assert_eq!(settings.labels.label_keys, LabelKeys::default());
+        assert!(settings.labels.local.is_empty());
     }
 
     #[test]
@@ -118,12 +80,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(settings.direction, Some(Direction::Inbound));
-        assert_eq!(settings.local.get(Label::Team), Some("payments"));
-        assert_eq!(settings.label_keys.team, "owner");
-        assert_eq!(settings.label_keys.environment, "environment");
-        assert_eq!(settings.peer_trust, PeerTrust::Any);
-        assert_eq!(settings.trust_domain.as_deref(), Some("cluster.local"));
-        assert_eq!(settings.max_baggage_bytes, 4096);
+        assert_eq!(settings.labels.local.get(Label::Team), Some("payments"));
+        assert_eq!(settings.labels.label_keys.team, "owner");
+        assert_eq!(settings.labels.label_keys.environment, "environment");
+        assert_eq!(settings.labels.peer_trust, PeerTrust::Any);
+        assert_eq!(
+            settings.labels.trust_domain.as_deref(),
+            Some("cluster.local")
+        );
+        assert_eq!(settings.labels.max_baggage_bytes, 4096);
     }
 
     #[test]

@@ -4,19 +4,18 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use eastwest_common::config::PeerTrust;
 use eastwest_common::host;
 use eastwest_common::labels::Labels;
 use eastwest_common::metric_name::tagged_name;
 use eastwest_common::peer::ISTIO_PEER_METADATA_HEADER;
-use eastwest_common::properties::{self, decode_bool, decode_int64, Direction};
-use eastwest_common::trust::{PeerIdentity, Refusal, SpiffeId};
+use eastwest_common::properties::Direction;
+use eastwest_common::trust::Refusal;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::Settings;
-use crate::logic::{
+use eastwest_common::resolve::{
     self, Problem, Problems, DESTINATION_STATE_KEY, PEER_HEADER, SOURCE_HEADER, SOURCE_STATE_KEY,
 };
 
@@ -120,29 +119,24 @@ struct Shared {
 impl Shared {
     /// Own labels: configuration first, then the node's metadata.
     fn resolve_own(&self) -> Option<Own> {
-        let mut labels = self.settings.local.clone();
-        let bytes = match hostcalls::get_property(vec!["xds", "node"]) {
-            Ok(Some(bytes)) => Some(bytes),
-            // Envoy before the `xds` attributes exposed the node as `node`.
-            _ => hostcalls::get_property(vec!["node"]).ok().flatten(),
-        }?;
-        match properties::labels_from_node(&bytes, &self.settings.label_keys) {
-            Ok(resolved) => {
-                if resolved.invalid_values > 0 {
-                    self.count(Problem::NodeMetadata, resolved.invalid_values);
-                    log(
-                        LogLevel::Warn,
-                        "node metadata holds invalid label values; they are ignored",
-                    );
-                }
-                labels.fill_from(&resolved.labels);
-            }
-            Err(error) => {
-                self.count(Problem::NodeMetadata, 1);
-                log(LogLevel::Warn, &format!("node metadata cannot be decoded ({error}); using the configured labels only"));
-            }
+        let own = host::own_labels(&self.settings.labels)?;
+        if own.invalid_values > 0 {
+            self.count(Problem::NodeMetadata, own.invalid_values);
+            log(
+                LogLevel::Warn,
+                "node metadata holds invalid label values; they are ignored",
+            );
         }
-        Some(Own::new(&labels))
+        if let Some(error) = &own.undecodable {
+            self.count(Problem::NodeMetadata, 1);
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "node metadata cannot be decoded ({error}); using the configured labels only"
+                ),
+            );
+        }
+        Some(Own::new(&own.labels))
     }
 
     fn count(&self, problem: Problem, count: u32) {
@@ -172,7 +166,7 @@ impl RootContext for Root {
             }
         };
         let shared = Shared {
-            own: RefCell::new(Own::new(&settings.local)),
+            own: RefCell::new(Own::new(&settings.labels.local)),
             settings,
             metrics: Metrics::define(),
             node_pending: Cell::new(false),
@@ -205,16 +199,6 @@ struct Stream {
 }
 
 impl Context for Stream {}
-
-fn listener_direction() -> Option<Direction> {
-    let value = match hostcalls::get_property(vec!["xds", "listener_direction"]) {
-        Ok(Some(value)) => value,
-        _ => hostcalls::get_property(vec!["listener_direction"])
-            .ok()
-            .flatten()?,
-    };
-    decode_int64(&value).and_then(Direction::from_traffic_direction)
-}
 
 impl Stream {
     fn count_problems(&self, problems: &Problems, what: &str) {
@@ -301,9 +285,9 @@ impl Stream {
         let values = self.baggage_values();
         let slices: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
         let peer_metadata = self.header(MapType::HttpRequestHeaders, ISTIO_PEER_METADATA_HEADER);
-        let identity = downstream_identity(self.shared.settings.peer_trust);
-        let outcome = logic::inbound_request(
-            &self.shared.settings,
+        let identity = host::downstream_identity(self.shared.settings.labels.peer_trust);
+        let outcome = resolve::inbound_request(
+            &self.shared.settings.labels,
             &slices,
             peer_metadata.as_deref(),
             &identity,
@@ -339,9 +323,12 @@ impl Stream {
         if peer_header.is_some() {
             self.write_header(MapType::HttpResponseHeaders, PEER_HEADER, None, 1);
         }
-        let identity = upstream_identity();
-        let outcome =
-            logic::outbound_response(&self.shared.settings, peer_header.as_deref(), &identity);
+        let identity = host::upstream_identity();
+        let outcome = resolve::outbound_response(
+            &self.shared.settings.labels,
+            peer_header.as_deref(),
+            &identity,
+        );
         self.count_problems(&outcome.problems, "destination input");
         self.count_refusal(Peer::Destination, outcome.refused);
         self.set_state(
@@ -357,44 +344,6 @@ impl Stream {
     }
 }
 
-/// What the downstream connection proves: mTLS and the client certificate's SPIFFE ID.
-///
-/// A property read costs microseconds in Envoy, so the common cases take one: a URI SAN can
-/// only come from a certificate the peer presented, which answers both questions.
-fn downstream_identity(trust: PeerTrust) -> PeerIdentity {
-    let uri = hostcalls::get_property(vec!["connection", "uri_san_peer_certificate"])
-        .ok()
-        .flatten();
-    if let Some(uri) = uri {
-        return PeerIdentity {
-            mtls: true,
-            spiffe: SpiffeId::parse(&uri),
-        };
-    }
-    // Without a URI SAN nothing is proven; whether the peer used mTLS only decides which
-    // refusal is counted (`no_mtls` or `no_spiffe_id`), which only the `mtls` mode reports.
-    let mtls = trust == PeerTrust::Mtls
-        && hostcalls::get_property(vec!["connection", "mtls"])
-            .ok()
-            .flatten()
-            .and_then(|value| decode_bool(&value))
-            .unwrap_or(false);
-    PeerIdentity { mtls, spiffe: None }
-}
-
-/// What the upstream connection proves: the server certificate's SPIFFE ID, which Envoy has
-/// verified when the cluster's TLS context has a validation context.
-fn upstream_identity() -> PeerIdentity {
-    let spiffe = hostcalls::get_property(vec!["upstream", "uri_san_peer_certificate"])
-        .ok()
-        .flatten()
-        .and_then(|uri| SpiffeId::parse(&uri));
-    PeerIdentity {
-        mtls: spiffe.is_some(),
-        spiffe,
-    }
-}
-
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if self.shared.node_pending.replace(false) {
@@ -402,7 +351,11 @@ impl HttpContext for Stream {
                 *self.shared.own.borrow_mut() = own;
             }
         }
-        self.direction = self.shared.settings.direction.or_else(listener_direction);
+        self.direction = self
+            .shared
+            .settings
+            .direction
+            .or_else(host::listener_direction);
         match self.direction {
             Some(Direction::Outbound) => self.outbound_request(),
             Some(Direction::Inbound) => self.inbound_request(),

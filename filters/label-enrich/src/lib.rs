@@ -3,7 +3,6 @@
 //! hop, log line and metric knows who owns it. See docs/filters/label-enrich.md.
 
 pub mod config;
-pub mod logic;
 
 // The proxy-wasm layer; left out of unit-test builds, which exercise the logic without a host.
 #[cfg(not(test))]

@@ -1,12 +1,14 @@
-//! What label-enrich decides at each step of a request, without host calls: the thin layer in
-//! `filter.rs` reads headers and properties, calls these, and applies the result.
+//! How a filter resolves the labels of both ends of a call (DESIGN.md §3), without host calls:
+//! the settings every filter shares (`local`, `label_keys`, `peer_trust`, `trust_domain`,
+//! `max_baggage_bytes`), the caller's claims on an inbound request, the destination's claims on
+//! an outbound response, and the input problems they count. label-enrich applies the results to
+//! the request; the other filters use them when label-enrich did not run before them.
 
-use eastwest_common::baggage::{self, Claims};
-use eastwest_common::labels::Labels;
-use eastwest_common::peer::{labels_from_peer_metadata, PeerMetadataError};
-use eastwest_common::trust::{self, PeerIdentity, Refusal};
-
-use crate::config::Settings;
+use crate::baggage::{self, Claims, DEFAULT_MAX_BAGGAGE_BYTES};
+use crate::config::{ConfigError, PeerTrust};
+use crate::labels::{LabelKeys, Labels, LocalLabels};
+use crate::peer::{labels_from_peer_metadata, PeerMetadataError};
+use crate::trust::{self, PeerIdentity, Refusal};
 
 /// Response header carrying the destination's labels back to the caller's sidecar.
 pub const PEER_HEADER: &str = "x-eastwest-peer";
@@ -16,8 +18,69 @@ pub const SOURCE_HEADER: &str = "x-eastwest-source";
 pub const SOURCE_STATE_KEY: &str = "eastwest.source";
 pub const DESTINATION_STATE_KEY: &str = "eastwest.destination";
 
-/// Input problems that are skipped and counted (the `reason` tag of
-/// `eastwest_label_enrich_malformed_total`).
+/// The label settings every filter shares, validated.
+#[derive(Debug, Clone)]
+pub struct LabelSettings {
+    /// This workload's labels from the configuration (`local`), overriding the node's.
+    pub local: Labels,
+    pub label_keys: LabelKeys,
+    pub peer_trust: PeerTrust,
+    pub trust_domain: Option<String>,
+    pub max_baggage_bytes: usize,
+}
+
+/// Bounds on `max_baggage_bytes`: below 256 no real baggage fits; above 64 KiB a header
+/// exceeds every proxy's default limits anyway.
+const MAX_BAGGAGE_BYTES_RANGE: std::ops::RangeInclusive<usize> = 256..=65536;
+
+impl LabelSettings {
+    /// Validates the shared fields as a filter's configuration holds them; errors name the
+    /// field.
+    pub fn new(
+        local: &LocalLabels,
+        label_keys: LabelKeys,
+        peer_trust: PeerTrust,
+        trust_domain: Option<String>,
+        max_baggage_bytes: Option<usize>,
+    ) -> Result<LabelSettings, ConfigError> {
+        let local = local.to_labels()?;
+        for (path, key) in [
+            ("label_keys.environment", &label_keys.environment),
+            ("label_keys.team", &label_keys.team),
+            ("label_keys.criticality", &label_keys.criticality),
+        ] {
+            if key.is_empty() {
+                return Err(ConfigError::new(path, "must not be empty"));
+            }
+        }
+        if trust_domain
+            .as_deref()
+            .is_some_and(|domain| domain.is_empty() || domain.contains('/'))
+        {
+            return Err(ConfigError::new(
+                "trust_domain",
+                "must be a SPIFFE trust domain such as cluster.local",
+            ));
+        }
+        let max_baggage_bytes = max_baggage_bytes.unwrap_or(DEFAULT_MAX_BAGGAGE_BYTES);
+        if !MAX_BAGGAGE_BYTES_RANGE.contains(&max_baggage_bytes) {
+            return Err(ConfigError::new(
+                "max_baggage_bytes",
+                format!("{max_baggage_bytes} is outside 256..=65536"),
+            ));
+        }
+        Ok(LabelSettings {
+            local,
+            label_keys,
+            peer_trust,
+            trust_domain,
+            max_baggage_bytes,
+        })
+    }
+}
+
+/// Input problems that are skipped and counted (the `reason` tag of each filter's
+/// `..._malformed_total` counter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Problem {
     /// Baggage over `max_baggage_bytes` or 64 members: no label read from it.
@@ -109,7 +172,7 @@ pub struct InboundRequest {
 /// Resolves the caller of an inbound request from its claims (`baggage`, then Istio's
 /// `x-envoy-peer-metadata`) and what its certificate proves.
 pub fn inbound_request(
-    settings: &Settings,
+    settings: &LabelSettings,
     baggage_headers: &[&[u8]],
     peer_metadata: Option<&[u8]>,
     identity: &PeerIdentity,
@@ -171,7 +234,7 @@ pub struct OutboundResponse {
 /// Resolves the destination of an outbound request from the callee sidecar's claims and what
 /// the upstream certificate proves.
 pub fn outbound_response(
-    settings: &Settings,
+    settings: &LabelSettings,
     peer_header: Option<&[u8]>,
     identity: &PeerIdentity,
 ) -> OutboundResponse {
@@ -199,16 +262,45 @@ pub fn outbound_response(
     }
 }
 
+/// Labels published in filter state by label-enrich (all six members, `unknown` where not
+/// known) read back; malformed members are skipped.
+pub fn labels_from_state(value: &[u8]) -> Labels {
+    let mut labels = Labels::default();
+    for member in baggage::members(value) {
+        let Some(label) = crate::Label::from_baggage_key(member.key) else {
+            continue;
+        };
+        if let Some(decoded) = member.value.and_then(baggage::percent_decode) {
+            if decoded != crate::labels::UNKNOWN.as_bytes() && !labels.is_set(label) {
+                let _ = labels.set_checked(label, &decoded);
+            }
+        }
+    }
+    labels
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eastwest_common::trust::SpiffeId;
-    use eastwest_common::Label;
+    use crate::trust::SpiffeId;
+    use crate::Label;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    fn settings(trust: &str) -> Settings {
-        Settings::parse(format!(r#"{{"peer_trust": "{trust}"}}"#).as_bytes()).unwrap()
+    fn settings(trust: &str) -> LabelSettings {
+        let peer_trust = match trust {
+            "mtls" => PeerTrust::Mtls,
+            "any" => PeerTrust::Any,
+            _ => PeerTrust::None,
+        };
+        LabelSettings::new(
+            &LocalLabels::default(),
+            LabelKeys::default(),
+            peer_trust,
+            None,
+            None,
+        )
+        .unwrap()
     }
 
     fn mtls(namespace: &str) -> PeerIdentity {
@@ -222,6 +314,16 @@ mod tests {
 
     const CALLER: &[u8] =
         b"userid=42,service.name=frontend,k8s.namespace.name=shop,eastwest.team=web";
+
+    #[test]
+    fn filter_state_round_trips_and_unknown_stays_unset() {
+        let mut labels = Labels::default();
+        labels.set(Label::Service, "check out");
+        labels.set(Label::Team, "payments");
+        let read = labels_from_state(labels.to_complete_members().as_bytes());
+        assert_eq!(read, labels);
+        assert!(labels_from_state(b"\xff,=,service.name=%zz").is_empty());
+    }
 
     #[test]
     fn trusted_clean_claims_pass_untouched() {
