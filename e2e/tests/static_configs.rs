@@ -73,12 +73,34 @@ fn a_broken_filter_configuration_fails_validation() {
     );
 }
 
+/// Every tag the filters put in metric names.
+const STATS_TAGS: [&str; 18] = [
+    "reporter",
+    "source_service",
+    "source_namespace",
+    "source_team",
+    "source_region",
+    "destination_service",
+    "destination_namespace",
+    "destination_team",
+    "destination_region",
+    "environment",
+    "criticality",
+    "response_code",
+    "request_protocol",
+    "grpc_status",
+    "failure",
+    "metric",
+    "reason",
+    "peer",
+];
+
 #[test]
 fn stats_tags_fragment_matches_the_tags_the_filters_emit() {
     let fragment =
         std::fs::read_to_string(workspace_root().join("envoy-configs/fragments/stats-tags.yaml"))
             .unwrap();
-    for tag in ["reason", "peer"] {
+    for tag in STATS_TAGS {
         let line = format!("{{tag_name: {tag}, regex: '{}'}}", stats_tag_regex(tag));
         assert!(
             fragment.contains(&line),

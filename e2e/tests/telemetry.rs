@@ -1,0 +1,305 @@
+//! telemetry in real Envoy: two sidecars on loopback (the caller's outbound listener → the
+//! callee's inbound listener → the test application), each running label-enrich then
+//! telemetry, two Envoy workers each.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use eastwest_common::metric_name::stats_tag_regex;
+use eastwest_e2e::{
+    bootstrap, dist_wasm, free_port, http_request, wasm_filter, ClusterBuilder, Envoy,
+    EnvoyOptions, ListenerBuilder, Node, TestApp, TrafficDirection,
+};
+use serde_json::{json, Value};
+
+/// Every tag the filters put in metric names (envoy-configs/fragments/stats-tags.yaml).
+const TAGS: [&str; 18] = [
+    "reporter",
+    "source_service",
+    "source_namespace",
+    "source_team",
+    "source_region",
+    "destination_service",
+    "destination_namespace",
+    "destination_team",
+    "destination_region",
+    "environment",
+    "criticality",
+    "response_code",
+    "request_protocol",
+    "grpc_status",
+    "failure",
+    "metric",
+    "reason",
+    "peer",
+];
+
+fn stats_tags() -> Vec<(String, String)> {
+    TAGS.iter()
+        .map(|tag| (tag.to_string(), stats_tag_regex(tag)))
+        .collect()
+}
+
+fn sidecar_node(workload: &str, team: &str, criticality: &str) -> Node {
+    Node::new(
+        &format!("sidecar~127.0.0.1~{workload}-0.shop~shop.svc.cluster.local"),
+        &format!("{workload}.shop"),
+    )
+    .with_metadata(json!({
+        "NAME": format!("{workload}-0"),
+        "NAMESPACE": "shop",
+        "WORKLOAD_NAME": format!("{workload}-v1"),
+        "LABELS": {"app": workload, "team": team, "criticality": criticality, "environment": "prod"},
+    }))
+    .with_locality(Some("eu-west-1"), None)
+}
+
+/// caller sidecar (label-enrich + telemetry, outbound) → callee sidecar (inbound) → app.
+struct Mesh {
+    _app: TestApp,
+    caller: Envoy,
+    callee: Envoy,
+    caller_port: u16,
+    callee_port: u16,
+}
+
+impl Mesh {
+    fn start(name: &str, telemetry_config: Value) -> Result<Mesh> {
+        let label_enrich = dist_wasm("label-enrich")?;
+        let telemetry = dist_wasm("telemetry")?;
+        let app = TestApp::start()?;
+        let tags = stats_tags();
+        let tags: Vec<(&str, &str)> = tags.iter().map(|(t, r)| (t.as_str(), r.as_str())).collect();
+        let (caller_port, callee_port) = (free_port(), free_port());
+        let options = EnvoyOptions::default();
+        let trust = json!({"peer_trust": "any"});
+        let callee = Envoy::start(
+            &format!("{name}-callee"),
+            bootstrap(
+                &sidecar_node("checkout", "payments", "critical"),
+                free_port(),
+                vec![ListenerBuilder::new("inbound", callee_port, "app")
+                    .traffic_direction(TrafficDirection::Inbound)
+                    .http_filter(wasm_filter("label-enrich", &label_enrich, trust.clone()))
+                    .http_filter(wasm_filter(
+                        "telemetry",
+                        &telemetry,
+                        telemetry_config.clone(),
+                    ))
+                    .build()],
+                vec![ClusterBuilder::new("app", app.port()).build()],
+                &tags,
+            ),
+            &options,
+        )?;
+        let caller = Envoy::start(
+            &format!("{name}-caller"),
+            bootstrap(
+                &sidecar_node("frontend", "web", "high"),
+                free_port(),
+                vec![ListenerBuilder::new("outbound", caller_port, "callee")
+                    .traffic_direction(TrafficDirection::Outbound)
+                    .http_filter(wasm_filter("label-enrich", &label_enrich, trust))
+                    .http_filter(wasm_filter("telemetry", &telemetry, telemetry_config))
+                    .build()],
+                vec![ClusterBuilder::new("callee", callee_port).build()],
+                &tags,
+            ),
+            &options,
+        )?;
+        Ok(Mesh {
+            _app: app,
+            caller,
+            callee,
+            caller_port,
+            callee_port,
+        })
+    }
+
+    fn call(&self, port: u16, headers: &[(&str, &[u8])]) -> u16 {
+        http_request(
+            "GET",
+            &format!("http://127.0.0.1:{port}/orders"),
+            headers,
+            "",
+        )
+        .expect("request")
+        .status
+    }
+}
+
+/// The value of the Prometheus sample `name{labels...}` whose labels include all of `labels`
+/// (summed over the samples that match), waiting up to 10 s for it to reach `expected`.
+fn wait_for_sample(envoy: &Envoy, name: &str, labels: &[(&str, &str)], expected: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = sample(envoy, name, labels);
+        if value >= expected || Instant::now() > deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sample(envoy: &Envoy, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = envoy.prometheus().expect("admin /stats/prometheus");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn series_count(envoy: &Envoy, name: &str) -> usize {
+    let text = envoy.prometheus().expect("admin /stats/prometheus");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .count()
+}
+
+#[test]
+fn request_counts_per_pair_and_code_are_exact_on_both_reporters() {
+    let mesh = Mesh::start("tm-counts", json!({})).unwrap();
+    for index in 0..30 {
+        let status: u16 = if index % 3 == 0 { 503 } else { 200 };
+        let header = status.to_string();
+        assert_eq!(
+            mesh.call(mesh.caller_port, &[("x-test-status", header.as_bytes())]),
+            status
+        );
+    }
+    let pair = [
+        ("source_service", "frontend"),
+        ("source_team", "web"),
+        ("destination_service", "checkout"),
+        ("destination_team", "payments"),
+        ("criticality", "critical"),
+        ("source_region", "eu-west-1"),
+        ("request_protocol", "http"),
+    ];
+    for (envoy, reporter) in [(&mesh.caller, "source"), (&mesh.callee, "destination")] {
+        for (code, expected) in [("200", 20), ("503", 10)] {
+            let mut labels = pair.to_vec();
+            labels.push(("reporter", reporter));
+            labels.push(("response_code", code));
+            let value = wait_for_sample(envoy, "eastwest_requests_total", &labels, expected);
+            assert_eq!(
+                value,
+                expected,
+                "{reporter} {code}:\n{}",
+                envoy.prometheus().unwrap()
+            );
+        }
+        let mut labels = pair.to_vec();
+        labels.push(("reporter", reporter));
+        let count = wait_for_sample(
+            envoy,
+            "eastwest_request_duration_milliseconds_count",
+            &labels,
+            30,
+        );
+        assert_eq!(count, 30, "{reporter}: one duration sample per request");
+    }
+}
+
+#[test]
+fn unexpected_dependency_is_counted_and_logged_once_per_vm() {
+    let config = json!({"expected_dependencies": [
+        {"source": "frontend", "destination": "inventory"},
+        {"source": "*", "destination": "payments"},
+    ]});
+    let mesh = Mesh::start("tm-unexpected", config).unwrap();
+    for _ in 0..12 {
+        assert_eq!(mesh.call(mesh.caller_port, &[]), 200);
+    }
+    let labels = [
+        ("reporter", "source"),
+        ("source_service", "frontend"),
+        ("destination_service", "checkout"),
+        ("source_team", "web"),
+        ("destination_team", "payments"),
+    ];
+    assert_eq!(
+        wait_for_sample(
+            &mesh.caller,
+            "eastwest_unexpected_dependency_total",
+            &labels,
+            12
+        ),
+        12
+    );
+    mesh.caller
+        .wait_for_log("unexpected dependency: frontend", Duration::from_secs(10))
+        .unwrap();
+    let warnings = mesh
+        .caller
+        .log()
+        .matches("unexpected dependency: frontend (namespace shop, team web) called checkout (namespace shop, team payments)")
+        .count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "one warning per pair per VM (2 workers), got {warnings}"
+    );
+}
+
+#[test]
+fn expected_dependencies_are_not_counted() {
+    let config =
+        json!({"expected_dependencies": [{"source": "frontend", "destination": "checkout"}]});
+    let mesh = Mesh::start("tm-expected", config).unwrap();
+    for _ in 0..5 {
+        assert_eq!(mesh.call(mesh.caller_port, &[]), 200);
+    }
+    wait_for_sample(
+        &mesh.caller,
+        "eastwest_requests_total",
+        &[("reporter", "source")],
+        5,
+    );
+    assert_eq!(
+        sample(&mesh.caller, "eastwest_unexpected_dependency_total", &[]),
+        0
+    );
+    assert!(!mesh.caller.log().contains("unexpected dependency"));
+}
+
+#[test]
+fn forged_service_names_stop_at_max_series_plus_overflow() {
+    let mesh = Mesh::start(
+        "tm-cardinality",
+        json!({"max_series": 20, "dimensions": ["reporter", "source_service", "destination_service", "response_code"]}),
+    )
+    .unwrap();
+    // Straight to the callee's sidecar, as an attacker would, each with a new service name.
+    for index in 0..300 {
+        let baggage = format!("service.name=forged-{index}");
+        assert_eq!(
+            mesh.call(mesh.callee_port, &[("baggage", baggage.as_bytes())]),
+            200
+        );
+    }
+    wait_for_sample(&mesh.callee, "eastwest_overflow_total", &[], 1);
+    let requests = series_count(&mesh.callee, "eastwest_requests_total");
+    // Two workers: each VM caps its own series; the overflow series is shared by name.
+    assert!(
+        requests <= 2 * 20 + 1,
+        "{requests} series:\n{}",
+        mesh.callee.prometheus().unwrap()
+    );
+    let overflowed = sample(
+        &mesh.callee,
+        "eastwest_requests_total",
+        &[("source_service", "overflow")],
+    );
+    assert!(overflowed >= 300 - 2 * 20, "overflowed {overflowed}");
+    let total: u64 = sample(
+        &mesh.callee,
+        "eastwest_requests_total",
+        &[("reporter", "destination")],
+    );
+    assert_eq!(total, 300, "no request is lost to the cap");
+}
