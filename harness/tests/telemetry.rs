@@ -1,0 +1,262 @@
+//! telemetry's fast integration tests: dist/telemetry.wasm in the harness (no Envoy), with the
+//! per-stream attributes Envoy would give it at the end of the stream.
+
+use eastwest_common::metric_name::stats_tag_regex;
+use eastwest_harness::{Harness, Message, Options};
+use serde_json::{json, Value};
+
+fn wasm() -> Vec<u8> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/telemetry.wasm");
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (run `cargo xtask build`)"))
+}
+
+fn node(workload: &str, team: &str, direction: i64) -> Value {
+    json!({"xds": {
+        "listener_direction": direction,
+        "node": {
+            "id": format!("sidecar~127.0.0.1~{workload}-0.shop~shop.svc.cluster.local"),
+            "metadata": {
+                "NAMESPACE": "shop",
+                "LABELS": {"app": workload, "team": team, "criticality": "high", "environment": "prod"},
+            },
+            "locality": {"region": "eu-west-1"},
+        },
+    }})
+}
+
+fn harness(config: Value, properties: Value) -> Harness {
+    Harness::new(
+        &wasm(),
+        Options {
+            config: config.to_string().into_bytes(),
+            properties,
+            workers: 1,
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The attributes Envoy has at the end of a request.
+fn outcome(code: i64, flags: i64, duration_ms: i64, attempts: i64) -> Value {
+    json!({
+        "response": {"code": code, "flags": flags},
+        "request": {"duration": duration_ms * 1_000_000},
+        "upstream": {"request_attempt_count": attempts},
+    })
+}
+
+fn prometheus(h: &Harness) -> String {
+    // Every tag the filter emits (envoy-configs/fragments/stats-tags.yaml).
+    let tags: Vec<(String, String)> = [
+        "reporter",
+        "source_service",
+        "source_namespace",
+        "source_team",
+        "source_region",
+        "destination_service",
+        "destination_namespace",
+        "destination_team",
+        "destination_region",
+        "environment",
+        "criticality",
+        "response_code",
+        "request_protocol",
+        "grpc_status",
+        "failure",
+        "metric",
+        "reason",
+    ]
+    .iter()
+    .map(|tag| (tag.to_string(), stats_tag_regex(tag)))
+    .collect();
+    h.prometheus(&tags).unwrap()
+}
+
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn the_caller_reports_the_outcome_failures_and_retries_of_each_request() {
+    let config = json!({"peer_trust": "any", "dimensions": ["reporter", "source_service", "source_team", "destination_service", "destination_team", "response_code"]});
+    let mut h = harness(config, node("frontend", "web", 2));
+    let upstream = Message::status(503).header(
+        "x-eastwest-peer",
+        "service.name=checkout,eastwest.team=payments",
+    );
+    // UR|URX: reset by the upstream, then the retry limit; three attempts.
+    let id = h.run(
+        0,
+        Some(&outcome(503, 0x10 | 0x8000, 12, 3)),
+        Message::get("/"),
+        Some((upstream, 0)),
+    );
+    let ok = h.run(0, Some(&outcome(200, 0, 3, 1)), Message::get("/"), None);
+    assert!(h.traps.is_empty(), "{:?}", h.traps);
+    let text = prometheus(&h);
+    let pair = [
+        ("reporter", "source"),
+        ("source_service", "frontend"),
+        ("source_team", "web"),
+        ("destination_service", "checkout"),
+        ("destination_team", "payments"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut labels = pair.to_vec();
+        labels.extend_from_slice(extra);
+        labels
+    };
+    assert_eq!(
+        sample(
+            &text,
+            "eastwest_requests_total",
+            &with(&[("response_code", "503")])
+        ),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "eastwest_upstream_failures_total",
+            &with(&[("failure", "UR")])
+        ),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "eastwest_upstream_failures_total",
+            &with(&[("failure", "URX")])
+        ),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        // By calling service: the destination's team is not a retry tag.
+        sample(&text, "eastwest_retry_attempts_total", &pair[..4]),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "eastwest_request_duration_milliseconds_sum",
+            &with(&[("response_code", "503")])
+        ),
+        Some(12),
+        "{text}"
+    );
+    // The second request had no peer header: the destination is unknown, not guessed.
+    assert_eq!(
+        sample(
+            &text,
+            "eastwest_requests_total",
+            &[("destination_service", "unknown"), ("response_code", "200")]
+        ),
+        Some(1),
+        "{text}"
+    );
+    println!(
+        "instructions per request: failed {} / ok {}",
+        h.result(id).instructions,
+        h.result(ok).instructions
+    );
+}
+
+#[test]
+fn the_callee_reports_the_trusted_caller() {
+    let mut h = harness(
+        json!({"peer_trust": "any"}),
+        node("checkout", "payments", 1),
+    );
+    let request = Message::get("/").header(
+        "baggage",
+        "service.name=frontend,eastwest.team=web,userid=1",
+    );
+    h.run(0, Some(&outcome(200, 0, 5, 1)), request, None);
+    let text = prometheus(&h);
+    assert_eq!(
+        sample(
+            &text,
+            "eastwest_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_service", "frontend"),
+                ("source_team", "web"),
+                ("destination_service", "checkout"),
+                ("destination_team", "payments")
+            ]
+        ),
+        Some(1),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "eastwest_retry_attempts_total", &[]),
+        None,
+        "retries are the caller's to report"
+    );
+}
+
+#[test]
+fn forged_names_beyond_max_series_fold_into_overflow() {
+    let config = json!({"peer_trust": "any", "max_series": 10, "dimensions": ["reporter", "source_service"]});
+    let mut h = harness(config, node("checkout", "payments", 1));
+    for index in 0..500 {
+        let request = Message::get("/").header("baggage", &format!("service.name=forged-{index}"));
+        h.run(0, Some(&outcome(200, 0, 1, 1)), request, None);
+    }
+    let text = prometheus(&h);
+    let series = text
+        .lines()
+        .filter(|line| line.starts_with("eastwest_requests_total{"))
+        .count();
+    assert!(series <= 10, "{series} request series");
+    let overflowed = sample(
+        &text,
+        "eastwest_requests_total",
+        &[("source_service", "overflow")],
+    )
+    .unwrap_or(0);
+    assert_eq!(
+        overflowed,
+        500 - 5,
+        "10 series = 5 pairs of requests+duration; the rest overflow"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "eastwest_overflow_total",
+            &[("metric", "eastwest_requests_total")]
+        ),
+        Some(495)
+    );
+}
+
+#[test]
+fn invalid_configuration_is_refused_with_the_field_named() {
+    let result = Harness::new(
+        &wasm(),
+        Options {
+            config: br#"{"max_series": 0}"#.to_vec(),
+            ..Options::default()
+        },
+    );
+    let error = result
+        .err()
+        .expect("the configuration is refused")
+        .to_string();
+    assert!(
+        error.contains("eastwest-telemetry: invalid configuration: max_series:"),
+        "{error}"
+    );
+}
