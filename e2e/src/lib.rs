@@ -1,5 +1,6 @@
 //! End-to-end harness for eastwest: real Envoy processes, the test application behind the
-//! sidecars, a blocking HTTP client, SPIFFE test certificates and Envoy bootstrap builders.
+//! sidecars, a blocking HTTP client, a load generator ([`load`]), SPIFFE test certificates and
+//! Envoy bootstrap builders.
 //!
 //! Typical test:
 //!
@@ -27,6 +28,7 @@ pub mod bootstrap;
 pub mod certs;
 pub mod client;
 pub mod envoy;
+pub mod load;
 mod paths;
 pub mod process;
 pub mod wat_modules;
@@ -38,6 +40,7 @@ pub use bootstrap::{
 pub use certs::{TestCa, WorkloadCert};
 pub use client::{http2_request, http_request, http_request_with, RequestOptions, Response};
 pub use envoy::{Envoy, EnvoyOptions};
+pub use load::{LoadPlan, LoadReport};
 pub use paths::{
     dist_wasm, envoy_binary, free_port, sdk_filter_wasm, workspace_root, ENVOY_VERSION,
 };

@@ -61,10 +61,25 @@ struct Mesh {
     callee: Envoy,
     caller_port: u16,
     callee_port: u16,
+    /// Envoy's own `%RESPONSE_FLAGS%` per request, one line each.
+    caller_flags_log: std::path::PathBuf,
+    callee_flags_log: std::path::PathBuf,
+}
+
+#[derive(Default)]
+struct MeshOptions {
+    /// The caller's route retry policy.
+    retry_policy: Option<Value>,
+    /// Point the caller at a port where nothing listens (a callee that is down).
+    callee_down: bool,
 }
 
 impl Mesh {
     fn start(name: &str, telemetry_config: Value) -> Result<Mesh> {
+        Mesh::start_with(name, telemetry_config, MeshOptions::default())
+    }
+
+    fn start_with(name: &str, telemetry_config: Value, mesh: MeshOptions) -> Result<Mesh> {
         let label_enrich = dist_wasm("label-enrich")?;
         let telemetry = dist_wasm("telemetry")?;
         let app = TestApp::start()?;
@@ -72,6 +87,16 @@ impl Mesh {
         let tags: Vec<(&str, &str)> = tags.iter().map(|(t, r)| (t.as_str(), r.as_str())).collect();
         let (caller_port, callee_port) = (free_port(), free_port());
         let options = EnvoyOptions::default();
+        let log_dir = eastwest_e2e::workspace_root()
+            .join("target/e2e-runs")
+            .join(format!("{name}-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&log_dir)?;
+        let (caller_flags_log, callee_flags_log) = (
+            log_dir.join("caller-flags.log"),
+            log_dir.join("callee-flags.log"),
+        );
+        let _ = std::fs::remove_file(&caller_flags_log);
+        let _ = std::fs::remove_file(&callee_flags_log);
         let trust = json!({"peer_trust": "any"});
         let callee = Envoy::start(
             &format!("{name}-callee"),
@@ -86,6 +111,7 @@ impl Mesh {
                         &telemetry,
                         telemetry_config.clone(),
                     ))
+                    .access_log(&callee_flags_log, "%RESPONSE_FLAGS%")
                     .build()],
                 vec![ClusterBuilder::new("app", app.port()).build()],
                 &tags,
@@ -97,12 +123,26 @@ impl Mesh {
             bootstrap(
                 &sidecar_node("frontend", "web", "high"),
                 free_port(),
-                vec![ListenerBuilder::new("outbound", caller_port, "callee")
-                    .traffic_direction(TrafficDirection::Outbound)
-                    .http_filter(wasm_filter("label-enrich", &label_enrich, trust))
-                    .http_filter(wasm_filter("telemetry", &telemetry, telemetry_config))
-                    .build()],
-                vec![ClusterBuilder::new("callee", callee_port).build()],
+                vec![{
+                    let mut outbound = ListenerBuilder::new("outbound", caller_port, "callee")
+                        .traffic_direction(TrafficDirection::Outbound)
+                        .http_filter(wasm_filter("label-enrich", &label_enrich, trust))
+                        .http_filter(wasm_filter("telemetry", &telemetry, telemetry_config))
+                        .access_log(&caller_flags_log, "%RESPONSE_FLAGS%");
+                    if let Some(policy) = mesh.retry_policy {
+                        outbound = outbound.retry_policy(policy);
+                    }
+                    outbound.build()
+                }],
+                vec![ClusterBuilder::new(
+                    "callee",
+                    if mesh.callee_down {
+                        free_port()
+                    } else {
+                        callee_port
+                    },
+                )
+                .build()],
                 &tags,
             ),
             &options,
@@ -113,7 +153,23 @@ impl Mesh {
             callee,
             caller_port,
             callee_port,
+            caller_flags_log,
+            callee_flags_log,
         })
+    }
+
+    /// Envoy's `%RESPONSE_FLAGS%` for every request so far (`-` when none), waiting for `count`
+    /// lines to be flushed.
+    fn response_flags(log: &std::path::Path, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            if lines.len() >= count || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn call(&self, port: u16, headers: &[(&str, &[u8])]) -> u16 {
@@ -302,4 +358,177 @@ fn forged_service_names_stop_at_max_series_plus_overflow() {
         &[("reporter", "destination")],
     );
     assert_eq!(total, 300, "no request is lost to the cap");
+}
+
+/// The upstream-failure flags as telemetry counts them, from Envoy's own `%RESPONSE_FLAGS%`
+/// (comma-separated short names): the mapping is checked against Envoy, not the docs.
+fn failure_counts_from_envoy(lines: &[String]) -> std::collections::BTreeMap<String, u64> {
+    const FAILURES: [&str; 12] = [
+        "UH", "UT", "LR", "UR", "UF", "UC", "UO", "DC", "URX", "UMSDR", "UPE", "DR",
+    ];
+    let mut counts = std::collections::BTreeMap::new();
+    for line in lines {
+        for flag in line.split(',') {
+            if FAILURES.contains(&flag) {
+                *counts.entry(flag.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+fn failure_counts_from_metrics(
+    envoy: &Envoy,
+    reporter: &str,
+) -> std::collections::BTreeMap<String, u64> {
+    let text = envoy.prometheus().expect("admin /stats/prometheus");
+    let mut counts = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("eastwest_upstream_failures_total{"))
+    {
+        if !line.contains(&format!("reporter=\"{reporter}\"")) {
+            continue;
+        }
+        let flag = line
+            .split("failure=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_string();
+        let value: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if value > 0 {
+            *counts.entry(flag).or_insert(0) += value;
+        }
+    }
+    counts
+}
+
+#[test]
+fn a_callee_that_is_down_counts_as_connection_failures() {
+    let mesh = Mesh::start_with(
+        "tm-down",
+        json!({}),
+        MeshOptions {
+            callee_down: true,
+            ..MeshOptions::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(mesh.call(mesh.caller_port, &[]), 503);
+    }
+    let flags = Mesh::response_flags(&mesh.caller_flags_log, 5);
+    let expected = failure_counts_from_envoy(&flags);
+    assert_eq!(expected.get("UF"), Some(&5), "Envoy's flags: {flags:?}");
+    wait_for_sample(
+        &mesh.caller,
+        "eastwest_upstream_failures_total",
+        &[("failure", "UF")],
+        5,
+    );
+    assert_eq!(
+        failure_counts_from_metrics(&mesh.caller, "source"),
+        expected
+    );
+    assert_eq!(
+        sample(
+            &mesh.caller,
+            "eastwest_upstream_failures_total",
+            &[
+                ("reporter", "source"),
+                ("source_service", "frontend"),
+                ("failure", "UF")
+            ]
+        ),
+        5
+    );
+}
+
+#[test]
+fn an_application_resetting_mid_response_counts_under_envoys_own_flags() {
+    let mesh = Mesh::start("tm-reset", json!({})).unwrap();
+    for _ in 0..4 {
+        assert_eq!(mesh.call(mesh.caller_port, &[("x-test-reset", b"1")]), 503);
+    }
+    for (envoy, log, reporter) in [
+        (&mesh.callee, &mesh.callee_flags_log, "destination"),
+        (&mesh.caller, &mesh.caller_flags_log, "source"),
+    ] {
+        let flags = Mesh::response_flags(log, 4);
+        let expected = failure_counts_from_envoy(&flags);
+        if reporter == "destination" {
+            assert!(
+                !expected.is_empty(),
+                "the callee's Envoy flags the reset: {flags:?}"
+            );
+        }
+        let total: u64 = expected.values().sum();
+        if total > 0 {
+            wait_for_sample(
+                envoy,
+                "eastwest_upstream_failures_total",
+                &[("reporter", reporter)],
+                total,
+            );
+        }
+        assert_eq!(
+            failure_counts_from_metrics(envoy, reporter),
+            expected,
+            "{reporter}: Envoy's flags {flags:?}"
+        );
+    }
+}
+
+#[test]
+fn retries_match_envoys_own_retry_counter() {
+    let mesh = Mesh::start_with(
+        "tm-retries",
+        json!({}),
+        MeshOptions {
+            retry_policy: Some(json!({"retry_on": "5xx", "num_retries": 2, "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.02s"}})),
+            ..MeshOptions::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..6 {
+        assert_eq!(
+            mesh.call(mesh.caller_port, &[("x-test-status", b"503")]),
+            503
+        );
+    }
+    let envoy_retries = mesh
+        .caller
+        .wait_for_counter(
+            "cluster.callee.upstream_rq_retry",
+            12,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(envoy_retries, 12, "2 retries per request");
+    let ours = wait_for_sample(
+        &mesh.caller,
+        "eastwest_retry_attempts_total",
+        &[
+            ("reporter", "source"),
+            ("source_service", "frontend"),
+            ("destination_service", "checkout"),
+        ],
+        envoy_retries,
+    );
+    assert_eq!(ours, envoy_retries);
+    // The callee saw every attempt as a request of its own.
+    assert_eq!(
+        wait_for_sample(
+            &mesh.callee,
+            "eastwest_requests_total",
+            &[("reporter", "destination"), ("response_code", "503")],
+            18
+        ),
+        18
+    );
 }
