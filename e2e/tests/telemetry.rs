@@ -40,6 +40,30 @@ fn stats_tags() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The shipped `histogram_bucket_settings` (envoy-configs/fragments/histogram-buckets.yaml),
+/// read from the fragment so that the test checks what users paste.
+fn histogram_bucket_settings() -> Value {
+    let fragment = std::fs::read_to_string(
+        eastwest_e2e::workspace_root().join("envoy-configs/fragments/histogram-buckets.yaml"),
+    )
+    .unwrap();
+    let buckets_line = fragment
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("buckets: "))
+        .expect("a buckets line");
+    let buckets: Vec<f64> = serde_json::from_str(buckets_line).expect("buckets as a list");
+    let regex = fragment
+        .lines()
+        .find_map(|line| line.split("regex: '").nth(1)?.split('\'').next())
+        .expect("a regex");
+    json!([{"match": {"safe_regex": {"regex": regex}}, "buckets": buckets}])
+}
+
+fn with_buckets(mut config: Value) -> Value {
+    config["stats_config"]["histogram_bucket_settings"] = histogram_bucket_settings();
+    config
+}
+
 fn sidecar_node(workload: &str, team: &str, criticality: &str) -> Node {
     Node::new(
         &format!("sidecar~127.0.0.1~{workload}-0.shop~shop.svc.cluster.local"),
@@ -100,7 +124,7 @@ impl Mesh {
         let trust = json!({"peer_trust": "any"});
         let callee = Envoy::start(
             &format!("{name}-callee"),
-            bootstrap(
+            with_buckets(bootstrap(
                 &sidecar_node("checkout", "payments", "critical"),
                 free_port(),
                 vec![ListenerBuilder::new("inbound", callee_port, "app")
@@ -115,12 +139,12 @@ impl Mesh {
                     .build()],
                 vec![ClusterBuilder::new("app", app.port()).build()],
                 &tags,
-            ),
+            )),
             &options,
         )?;
         let caller = Envoy::start(
             &format!("{name}-caller"),
-            bootstrap(
+            with_buckets(bootstrap(
                 &sidecar_node("frontend", "web", "high"),
                 free_port(),
                 vec![{
@@ -144,7 +168,7 @@ impl Mesh {
                 )
                 .build()],
                 &tags,
-            ),
+            )),
             &options,
         )?;
         Ok(Mesh {
@@ -531,4 +555,101 @@ fn retries_match_envoys_own_retry_counter() {
         ),
         18
     );
+}
+
+/// PromQL's `histogram_quantile` over one histogram's cumulative buckets (`le` → count), as
+/// Prometheus computes it: linear interpolation inside the bucket holding the rank.
+fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
+    let total = buckets.last().map_or(0.0, |(_, count)| *count);
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let (lower_le, lower_count) = lower;
+            return lower_le + (le - lower_le) * (rank - lower_count) / (count - lower_count);
+        }
+        lower = (le, count);
+    }
+    f64::NAN
+}
+
+/// The cumulative buckets of the duration histogram series whose labels include `labels`.
+fn duration_buckets(envoy: &Envoy, labels: &[(&str, &str)]) -> Vec<(f64, f64)> {
+    let text = envoy.prometheus().expect("admin /stats/prometheus");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|line| line.starts_with("eastwest_request_duration_milliseconds_bucket{"))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|line| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+#[test]
+fn p95_and_p99_from_the_scraped_histograms_are_within_10_percent_of_the_truth() {
+    let mesh = Mesh::start("tm-quantiles", json!({})).unwrap();
+    // A long tail: 90% about 2 ms, 8% 20-40 ms, 2% 200-400 ms.
+    let plan = eastwest_e2e::LoadPlan::new(
+        format!("http://127.0.0.1:{}/orders", mesh.caller_port),
+        2000,
+    )
+    .concurrency(8)
+    .max_duration(Duration::from_secs(60))
+    .header("x-test-delay-ms-choices", "2*90,20-40*8,200-400*2");
+    let report = eastwest_e2e::load::run(&plan).unwrap();
+    assert_eq!(report.status_count(200), 2000, "{}", report.summary());
+    let labels = [
+        ("source_service", "frontend"),
+        ("destination_service", "checkout"),
+        ("response_code", "200"),
+    ];
+    let mut errors = Vec::new();
+    for (envoy, reporter) in [(&mesh.caller, "source"), (&mesh.callee, "destination")] {
+        let mut labels = labels.to_vec();
+        labels.push(("reporter", reporter));
+        wait_for_sample(
+            envoy,
+            "eastwest_request_duration_milliseconds_count",
+            &labels,
+            2000,
+        );
+        let buckets = duration_buckets(envoy, &labels);
+        assert_eq!(
+            buckets.last().map(|b| b.1),
+            Some(2000.0),
+            "{reporter}: {buckets:?}"
+        );
+        for q in [0.95, 0.99] {
+            let truth = report.p(q).as_secs_f64() * 1000.0;
+            let scraped = histogram_quantile(q, &buckets);
+            let error = (scraped - truth).abs() / truth;
+            println!("{reporter} p{}: truth {truth:.2} ms, from the histogram {scraped:.2} ms, error {:.1}%", q * 100.0, error * 100.0);
+            errors.push((reporter, q, truth, scraped, error));
+        }
+    }
+    for (reporter, q, truth, scraped, error) in errors {
+        assert!(
+            error <= 0.10,
+            "{reporter} p{}: {scraped:.2} ms vs {truth:.2} ms ({:.1}% off)",
+            q * 100.0,
+            error * 100.0
+        );
+    }
 }
