@@ -108,3 +108,53 @@ fn stats_tags_fragment_matches_the_tags_the_filters_emit() {
         );
     }
 }
+
+#[test]
+fn istio_settings_cover_every_tag_the_histogram_buckets_and_the_metrics() {
+    let root = workspace_root();
+    let istio =
+        std::fs::read_to_string(root.join("envoy-configs/istio/telemetry-stats.yaml")).unwrap();
+    // Istio's built-in extractors cover these names with the same encoding.
+    let builtin = [
+        "reporter",
+        "source_namespace",
+        "destination_service",
+        "destination_namespace",
+        "response_code",
+        "request_protocol",
+    ];
+    let listed: Vec<&str> = istio
+        .lines()
+        .skip_while(|line| line.trim() != "extraStatTags:")
+        .skip(1)
+        .map_while(|line| line.trim().strip_prefix("- "))
+        .collect();
+    for tag in STATS_TAGS {
+        assert!(
+            builtin.contains(&tag) != listed.contains(&tag),
+            "{tag}: listed {} times between extraStatTags and Istio's built-in tags",
+            u8::from(builtin.contains(&tag)) + u8::from(listed.contains(&tag))
+        );
+    }
+    assert!(
+        istio.contains("- \".*eastwest_.*\""),
+        "proxyStatsMatcher keeps the metrics"
+    );
+    let buckets = |text: &str| -> String {
+        text.split("buckets: ")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let fragment =
+        std::fs::read_to_string(root.join("envoy-configs/fragments/histogram-buckets.yaml"))
+            .unwrap();
+    assert!(
+        istio.contains(&format!("{{\"wasmcustom\": {}}}", buckets(&fragment))),
+        "the Istio bucket annotation matches the fragment"
+    );
+}
