@@ -31,6 +31,7 @@ pub mod envoy;
 pub mod load;
 mod paths;
 pub mod process;
+pub mod prometheus;
 pub mod wat_modules;
 
 pub use app::TestApp;

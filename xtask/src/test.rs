@@ -26,7 +26,8 @@ Runs what CI runs, in this order, and stops at the first failure:
   4. unit tests       cargo test --workspace --exclude eastwest-e2e
   5. wasm unit tests  the unit tests of the crates under filters/ that opt in, compiled to
                       wasm32 and run under Node by wasm-bindgen-test-runner
-  6. e2e tests        cargo test -p eastwest-e2e against real Envoy 1.40.0
+  6. e2e tests        cargo test -p eastwest-e2e against real Envoy 1.40.0 (and a real
+                      Prometheus from the Debian package `prometheus`, installed if missing)
 
 Options:
   --skip-e2e   steps 1 to 5: no Envoy needed
@@ -275,6 +276,15 @@ fn node_path_with_host_stand_in() -> Result<std::ffi::OsString> {
 
 fn e2e_tests(ws: &Workspace) -> Result<Outcome> {
     let envoy = envoy::provision(ws, "for the end-to-end tests")?;
+    // One package holds both: the telemetry tests scrape the sidecars with a real Prometheus
+    // and check the recording rules and the exposition with promtool.
+    for binary in ["prometheus", "promtool"] {
+        ensure_tool(
+            binary,
+            "prometheus",
+            "for the telemetry end-to-end tests (a real Prometheus scrapes the sidecars)",
+        )?;
+    }
     Cmd::cargo()
         .args(["test", "-p", "eastwest-e2e"])
         .env(envoy::ENVOY_ENV_VAR, &envoy)
