@@ -20,10 +20,15 @@
 //! | `x-test-seed: N` | draw the `x-test-delay-ms-choices` delay from N alone (the same N, the same delay: [`DelayChoices::for_seed`]) |
 //! | `x-test-close-mid-response: 1` | send the status, headers (with the full `content-length`) and half of the body, then close the TCP connection (HTTP/2: reset the stream) |
 //! | `x-test-fail-every: N` | every Nth request carrying this header (counted by the app, over all such requests, retries included) gets a 503 |
+//! | `x-test-grpc-status: N` | answer as a gRPC server would: `content-type: application/grpc`, the echo as one length-prefixed gRPC message, then `grpc-status: N` and `grpc-message` in the trailers |
+//! | `x-test-grpc-trailers-only: 1` | with `x-test-grpc-status`: a gRPC "trailers-only" answer, as servers send for immediate errors: `grpc-status` and `grpc-message` in the response headers, no body, the stream ends with the headers |
 //!
 //! Order: the delays (`x-test-delay-ms`, then the drawn one) come first, then `x-test-reset`,
 //! then `x-test-fail-every`, then `x-test-close-mid-response`, then the normal answer with
-//! `x-test-status`. A fail-every request is counted when it arrives, so the failing ones are
+//! `x-test-status` (a gRPC answer when `x-test-grpc-status` is set; its HTTP status is 200
+//! unless `x-test-status` says otherwise; `x-test-response-header` applies to it too).
+//! Trailers travel over HTTP/2; over HTTP/1.1 hyper sends them only in a chunked response
+//! to a request with `te: trailers`, so gRPC tests use h2c. A fail-every request is counted when it arrives, so the failing ones are
 //! exactly the Nth, 2Nth, ... arrivals. Delays are tokio sleeps: never shorter than asked,
 //! rounded up to the next millisecond tick.
 //!
@@ -42,7 +47,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -58,6 +63,11 @@ pub const DELAY_CHOICES_CONTROL: &str = "x-test-delay-ms-choices";
 pub const SEED_CONTROL: &str = "x-test-seed";
 pub const CLOSE_MID_RESPONSE_CONTROL: &str = "x-test-close-mid-response";
 pub const FAIL_EVERY_CONTROL: &str = "x-test-fail-every";
+pub const GRPC_STATUS_CONTROL: &str = "x-test-grpc-status";
+pub const GRPC_TRAILERS_ONLY_CONTROL: &str = "x-test-grpc-trailers-only";
+
+/// The `grpc-message` of every gRPC answer of the app.
+pub const GRPC_MESSAGE: &str = "status set by x-test-grpc-status";
 
 /// The app's counters, shared by every connection of one app.
 #[derive(Debug, Default)]
@@ -236,6 +246,14 @@ struct Instructions {
     seed: Option<u64>,
     close_mid_response: bool,
     fail_every: Option<u64>,
+    grpc: Option<GrpcAnswer>,
+}
+
+/// How to answer as a gRPC server (`x-test-grpc-status`).
+struct GrpcAnswer {
+    status: u32,
+    /// `grpc-status` in the response headers, no body (`x-test-grpc-trailers-only: 1`).
+    trailers_only: bool,
 }
 
 fn instructions(request: &Request<Incoming>) -> Result<Instructions, String> {
@@ -306,6 +324,23 @@ fn instructions(request: &Request<Incoming>) -> Result<Instructions, String> {
                 .ok_or_else(|| format!("{FAIL_EVERY_CONTROL}: {value:?} is not a positive integer"))
         })
         .transpose()?;
+    let grpc_status = text(GRPC_STATUS_CONTROL)?
+        .map(|value| {
+            value
+                .parse::<u32>()
+                .map_err(|_| format!("{GRPC_STATUS_CONTROL}: {value:?} is not a gRPC status code"))
+        })
+        .transpose()?;
+    let trailers_only = text(GRPC_TRAILERS_ONLY_CONTROL)?.is_some_and(|value| value == "1");
+    if trailers_only && grpc_status.is_none() {
+        return Err(format!(
+            "{GRPC_TRAILERS_ONLY_CONTROL} needs {GRPC_STATUS_CONTROL}"
+        ));
+    }
+    let grpc = grpc_status.map(|status| GrpcAnswer {
+        status,
+        trailers_only,
+    });
     Ok(Instructions {
         delay,
         status,
@@ -315,6 +350,7 @@ fn instructions(request: &Request<Incoming>) -> Result<Instructions, String> {
         seed,
         close_mid_response,
         fail_every,
+        grpc,
     })
 }
 
@@ -376,6 +412,9 @@ async fn handle(
         "body": String::from_utf8_lossy(&body),
     });
     let echo = Bytes::from(echo.to_string());
+    if let Some(grpc) = &instructions.grpc {
+        return Ok(grpc_response(grpc, echo, &instructions));
+    }
     let mut response = if instructions.close_mid_response {
         state.closed_mid_response.fetch_add(1, Ordering::SeqCst);
         let length = echo.len();
@@ -395,6 +434,34 @@ async fn handle(
         response_headers.append(name, value);
     }
     Ok(response)
+}
+
+/// A gRPC server's answer: HTTP 200 (or `x-test-status`), `content-type: application/grpc`,
+/// and either the echo as one length-prefixed message followed by trailers carrying
+/// `grpc-status` and `grpc-message`, or (trailers-only) both in the headers and no body.
+fn grpc_response(grpc: &GrpcAnswer, echo: Bytes, instructions: &Instructions) -> Response<AppBody> {
+    let mut status_headers = HeaderMap::new();
+    status_headers.insert("grpc-status", HeaderValue::from(grpc.status));
+    status_headers.insert("grpc-message", HeaderValue::from_static(GRPC_MESSAGE));
+    let mut response = if grpc.trailers_only {
+        let mut response = Response::new(AppBody::empty());
+        response.headers_mut().extend(status_headers);
+        response
+    } else {
+        // Uncompressed flag, big-endian length, message.
+        let mut message = Vec::with_capacity(5 + echo.len());
+        message.push(0);
+        message.extend_from_slice(&(echo.len() as u32).to_be_bytes());
+        message.extend_from_slice(&echo);
+        Response::new(AppBody::with_trailers(Bytes::from(message), status_headers))
+    };
+    *response.status_mut() = instructions.status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    for (name, value) in &instructions.response_headers {
+        headers.append(name, value.clone());
+    }
+    response
 }
 
 fn plain_response(status: StatusCode, message: String) -> Response<AppBody> {
@@ -426,11 +493,14 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The body of a test-app response: the whole body, or (for `x-test-close-mid-response`)
-/// the first half and then an error, which makes hyper close the connection (HTTP/1.1) or
-/// reset the stream (HTTP/2) after the status, the headers and that half went out.
+/// The body of a test-app response: the whole body (then trailers, for a gRPC answer), no
+/// body at all (a gRPC trailers-only answer), or (for `x-test-close-mid-response`) the first
+/// half and then an error, which makes hyper close the connection (HTTP/1.1) or reset the
+/// stream (HTTP/2) after the status, the headers and that half went out.
 pub struct AppBody {
     data: Option<Bytes>,
+    /// Sent after the data (HTTP/2 trailers).
+    trailers: Option<HeaderMap>,
     /// Set for a response to cut off: the pause before the cut, so the first half is
     /// flushed to the socket before the connection closes.
     cut: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -445,7 +515,25 @@ impl AppBody {
         AppBody {
             length: data.len() as u64,
             data: Some(data),
+            trailers: None,
             cut: None,
+        }
+    }
+
+    /// No body: the stream ends with the response headers.
+    fn empty() -> AppBody {
+        AppBody {
+            length: 0,
+            data: None,
+            trailers: None,
+            cut: None,
+        }
+    }
+
+    fn with_trailers(data: Bytes, trailers: HeaderMap) -> AppBody {
+        AppBody {
+            trailers: Some(trailers),
+            ..AppBody::full(data)
         }
     }
 
@@ -453,6 +541,7 @@ impl AppBody {
         let length = data.len() as u64;
         AppBody {
             data: Some(data.slice(..data.len() / 2)),
+            trailers: None,
             cut: Some(Box::pin(tokio::time::sleep(CLOSE_MID_RESPONSE_PAUSE))),
             length,
         }
@@ -482,6 +571,9 @@ impl Body for AppBody {
         if let Some(data) = self.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         match self.cut.as_mut() {
             None => Poll::Ready(None),
             Some(pause) => match pause.as_mut().poll(cx) {
@@ -492,7 +584,7 @@ impl Body for AppBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.cut.is_none()
+        self.data.is_none() && self.trailers.is_none() && self.cut.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -26,6 +26,8 @@ pub struct Response {
     /// Values of one name stay in the order they arrived (they are grouped by name).
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
+    /// The trailers (HTTP/2, or chunked HTTP/1.1), as `headers`; empty when there were none.
+    pub trailers: Vec<(String, Vec<u8>)>,
 }
 
 impl Response {
@@ -50,6 +52,14 @@ impl Response {
             .filter(|(candidate, _)| candidate.eq_ignore_ascii_case(name))
             .map(|(_, value)| value.as_slice())
             .collect()
+    }
+
+    /// The first value of trailer `name` (case-insensitive) as (lossy) UTF-8.
+    pub fn trailer_str(&self, name: &str) -> Option<String> {
+        self.trailers
+            .iter()
+            .find(|(candidate, _)| candidate.eq_ignore_ascii_case(name))
+            .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
     }
 
     /// The body as (lossy) UTF-8.
@@ -221,17 +231,26 @@ async fn send(authority: String, request: Request<Full<Bytes>>, http2: bool) -> 
         .iter()
         .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
         .collect();
-    let body = response
+    let collected = response
         .into_body()
         .collect()
         .await
-        .context("the response body was cut off")?
-        .to_bytes()
-        .to_vec();
+        .context("the response body was cut off")?;
+    let trailers = collected
+        .trailers()
+        .map(|trailers| {
+            trailers
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = collected.to_bytes().to_vec();
     Ok(Response {
         status,
         headers,
         body,
+        trailers,
     })
 }
 

@@ -78,6 +78,43 @@ fn test_app_echoes_requests_and_obeys_control_headers() {
     assert_eq!(h2.status, 200);
     assert_eq!(app.requests_seen(), 4);
 
+    // gRPC: grpc-status in the trailers after one length-prefixed message (the echo)...
+    let grpc = http2_request("POST", &url, &[("x-test-grpc-status", b"14")], "").unwrap();
+    assert_eq!(grpc.status, 200);
+    assert_eq!(
+        grpc.header_str("content-type").as_deref(),
+        Some("application/grpc")
+    );
+    assert_eq!(grpc.header_str("grpc-status"), None);
+    assert_eq!(grpc.trailer_str("grpc-status").as_deref(), Some("14"));
+    assert_eq!(
+        grpc.trailer_str("grpc-message").as_deref(),
+        Some(eastwest_e2e::app::GRPC_MESSAGE)
+    );
+    assert_eq!(grpc.body[0], 0, "uncompressed");
+    let length = u32::from_be_bytes(grpc.body[1..5].try_into().unwrap()) as usize;
+    assert_eq!(length, grpc.body.len() - 5);
+    let echo: Value = serde_json::from_slice(&grpc.body[5..]).unwrap();
+    assert_eq!(echo["method"], "POST");
+    // ... or trailers-only: in the headers, no body.
+    let only = http2_request(
+        "POST",
+        &url,
+        &[
+            ("x-test-grpc-status", b"7"),
+            ("x-test-grpc-trailers-only", b"1"),
+        ],
+        "",
+    )
+    .unwrap();
+    assert_eq!(only.status, 200);
+    assert_eq!(only.header_str("grpc-status").as_deref(), Some("7"));
+    assert!(only.header_str("grpc-message").is_some());
+    assert!(only.body.is_empty() && only.trailers.is_empty());
+    let bad = http_request("GET", &url, &[("x-test-grpc-trailers-only", b"1")], "").unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert_eq!(app.requests_seen(), 7);
+
     // Once dropped, the app is down at once (tests of upstream failures rely on it).
     let port = app.port();
     drop(app);
