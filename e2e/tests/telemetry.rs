@@ -405,14 +405,23 @@ fn forged_service_names_stop_at_max_series_plus_overflow() {
         json!({"max_series": 20, "dimensions": ["reporter", "source_service", "destination_service", "response_code"]}),
     )
     .unwrap();
-    // Straight to the callee's sidecar, as an attacker would, each with a new service name.
-    for index in 0..300 {
-        let baggage = format!("service.name=forged-{index}");
-        assert_eq!(
-            mesh.call(mesh.callee_port, &[("baggage", baggage.as_bytes())]),
-            200
-        );
-    }
+    // Straight to the callee's sidecar, as an attacker would: ten thousand requests, each
+    // claiming a new service name.
+    const FORGED: u64 = 10_000;
+    let plan = eastwest_e2e::LoadPlan::new(
+        format!("http://127.0.0.1:{}/orders", mesh.callee_port),
+        FORGED,
+    )
+    .concurrency(8)
+    .max_duration(Duration::from_secs(120))
+    .per_request_headers(|index| {
+        vec![(
+            "baggage".to_string(),
+            format!("service.name=forged-{index}").into_bytes(),
+        )]
+    });
+    let report = eastwest_e2e::load::run(&plan).unwrap();
+    assert_eq!(report.status_count(200), FORGED, "{}", report.summary());
     wait_for_sample(&mesh.callee, "eastwest_overflow_total", &[], 1);
     let requests = series_count(&mesh.callee, "eastwest_requests_total");
     // Two workers: each VM caps its own series; the overflow series is shared by name.
@@ -426,13 +435,13 @@ fn forged_service_names_stop_at_max_series_plus_overflow() {
         "eastwest_requests_total",
         &[("source_service", "overflow")],
     );
-    assert!(overflowed >= 300 - 2 * 20, "overflowed {overflowed}");
+    assert!(overflowed >= FORGED - 2 * 20, "overflowed {overflowed}");
     let total: u64 = sample(
         &mesh.callee,
         "eastwest_requests_total",
         &[("reporter", "destination")],
     );
-    assert_eq!(total, 300, "no request is lost to the cap");
+    assert_eq!(total, FORGED, "no request is lost to the cap");
 }
 
 /// The upstream-failure flags as telemetry counts them, from Envoy's own `%RESPONSE_FLAGS%`
