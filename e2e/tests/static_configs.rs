@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use eastwest_common::metric_name::stats_tag_regex;
+use eastwest_common::metric_name::{stats_tag_regex, ALL_TAGS};
 use eastwest_e2e::{dist_wasm, envoy_binary, workspace_root};
 
 /// `envoy --mode validate` builds every listener and filter (and runs the Wasm filters'
@@ -73,34 +73,12 @@ fn a_broken_filter_configuration_fails_validation() {
     );
 }
 
-/// Every tag the filters put in metric names.
-const STATS_TAGS: [&str; 18] = [
-    "reporter",
-    "source_service",
-    "source_namespace",
-    "source_team",
-    "source_region",
-    "destination_service",
-    "destination_namespace",
-    "destination_team",
-    "destination_region",
-    "environment",
-    "criticality",
-    "response_code",
-    "request_protocol",
-    "grpc_status",
-    "failure",
-    "metric",
-    "reason",
-    "peer",
-];
-
 #[test]
 fn stats_tags_fragment_matches_the_tags_the_filters_emit() {
     let fragment =
         std::fs::read_to_string(workspace_root().join("envoy-configs/fragments/stats-tags.yaml"))
             .unwrap();
-    for tag in STATS_TAGS {
+    for tag in ALL_TAGS {
         let line = format!("{{tag_name: {tag}, regex: '{}'}}", stats_tag_regex(tag));
         assert!(
             fragment.contains(&line),
@@ -129,7 +107,7 @@ fn istio_settings_cover_every_tag_the_histogram_buckets_and_the_metrics() {
         .skip(1)
         .map_while(|line| line.trim().strip_prefix("- "))
         .collect();
-    for tag in STATS_TAGS {
+    for tag in ALL_TAGS {
         assert!(
             builtin.contains(&tag) != listed.contains(&tag),
             "{tag}: listed {} times between extraStatTags and Istio's built-in tags",

@@ -5,34 +5,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use eastwest_common::metric_name::stats_tag_regex;
+use eastwest_common::metric_name::{stats_tag_regex, ALL_TAGS};
 use eastwest_e2e::{
     bootstrap, dist_wasm, free_port, http2_request, http_request, wasm_filter, ClusterBuilder,
     Envoy, EnvoyOptions, ListenerBuilder, Node, TestApp, TrafficDirection,
 };
 use serde_json::{json, Value};
-
-/// Every tag the filters put in metric names (envoy-configs/fragments/stats-tags.yaml).
-const TAGS: [&str; 18] = [
-    "reporter",
-    "source_service",
-    "source_namespace",
-    "source_team",
-    "source_region",
-    "destination_service",
-    "destination_namespace",
-    "destination_team",
-    "destination_region",
-    "environment",
-    "criticality",
-    "response_code",
-    "request_protocol",
-    "grpc_status",
-    "failure",
-    "metric",
-    "reason",
-    "peer",
-];
 
 /// Every mesh holds this for its lifetime: shared by default, exclusively for the tests whose
 /// assertions depend on latency (quantiles from the scrape against the load generator's ground
@@ -57,7 +35,8 @@ impl MeshLock {
 }
 
 fn stats_tags() -> Vec<(String, String)> {
-    TAGS.iter()
+    ALL_TAGS
+        .iter()
         .map(|tag| (tag.to_string(), stats_tag_regex(tag)))
         .collect()
 }

@@ -1,7 +1,7 @@
 //! telemetry's fast integration tests: dist/telemetry.wasm in the harness (no Envoy), with the
 //! per-stream attributes Envoy would give it at the end of the stream.
 
-use eastwest_common::metric_name::stats_tag_regex;
+use eastwest_common::metric_name::{stats_tag_regex, ALL_TAGS};
 use eastwest_harness::{Harness, Message, Options};
 use serde_json::{json, Value};
 
@@ -47,29 +47,10 @@ fn outcome(code: i64, flags: i64, duration_ms: i64, attempts: i64) -> Value {
 }
 
 fn prometheus(h: &Harness) -> String {
-    // Every tag the filter emits (envoy-configs/fragments/stats-tags.yaml).
-    let tags: Vec<(String, String)> = [
-        "reporter",
-        "source_service",
-        "source_namespace",
-        "source_team",
-        "source_region",
-        "destination_service",
-        "destination_namespace",
-        "destination_team",
-        "destination_region",
-        "environment",
-        "criticality",
-        "response_code",
-        "request_protocol",
-        "grpc_status",
-        "failure",
-        "metric",
-        "reason",
-    ]
-    .iter()
-    .map(|tag| (tag.to_string(), stats_tag_regex(tag)))
-    .collect();
+    let tags: Vec<(String, String)> = ALL_TAGS
+        .iter()
+        .map(|tag| (tag.to_string(), stats_tag_regex(tag)))
+        .collect();
     h.prometheus(&tags).unwrap()
 }
 

@@ -2,6 +2,30 @@
 //! `tag1=.=value1;.;tag2=.=value2;.;metric_name`. Envoy's `stats_tags` regexes
 //! `(<tag>=\.=(.*?);\.;)` turn them back into Prometheus labels.
 
+/// Every tag an eastwest filter puts in metric names (DESIGN.md §4 plus the filters' own
+/// `failure`, `metric`, `reason` and `peer`): the shipped `stats_tags` and Istio settings must
+/// cover exactly these.
+pub const ALL_TAGS: [&str; 18] = [
+    "reporter",
+    "source_service",
+    "source_namespace",
+    "source_team",
+    "source_region",
+    "destination_service",
+    "destination_namespace",
+    "destination_team",
+    "destination_region",
+    "environment",
+    "criticality",
+    "response_code",
+    "request_protocol",
+    "grpc_status",
+    "failure",
+    "metric",
+    "reason",
+    "peer",
+];
+
 /// Appends a tag value so that it can never contain the `=.=` or `;.;` delimiters: `=` and `;`
 /// become `_`, and an empty value becomes `unknown`.
 pub fn push_sanitized_value(out: &mut String, value: &str) {

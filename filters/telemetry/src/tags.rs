@@ -220,6 +220,17 @@ mod tests {
     }
 
     #[test]
+    fn every_tag_is_in_the_shipped_list() {
+        for tag in Tag::ALL {
+            assert!(
+                eastwest_common::metric_name::ALL_TAGS.contains(&tag.name()),
+                "{}",
+                tag.name()
+            );
+        }
+    }
+
+    #[test]
     fn pair_metrics_drop_request_outcome_tags() {
         let tags = Metric::UpstreamFailures.tags(&Tag::ALL);
         assert!(!tags.contains(&Tag::ResponseCode));
