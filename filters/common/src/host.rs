@@ -203,3 +203,35 @@ pub fn own_labels(settings: &crate::resolve::LabelSettings) -> Option<OwnLabels>
     }
     Some(own)
 }
+
+/// Logs `eastwest-<filter>: <message>` (the prefix every eastwest log line carries).
+pub fn log(filter: &str, level: proxy_wasm::types::LogLevel, message: &str) {
+    let _ = proxy_wasm::hostcalls::log(level, &format!("eastwest-{filter}: {message}"));
+}
+
+/// Reads the plugin configuration and parses it; on a bad configuration logs
+/// `eastwest-<filter>: invalid configuration: <field path>: <reason>` and returns `None`, so that
+/// `on_configure` returns false and Envoy refuses the configuration (DESIGN.md §6).
+pub fn configure<T>(
+    filter: &str,
+    parse: impl FnOnce(&[u8]) -> Result<T, crate::config::ConfigError>,
+) -> Option<T> {
+    let bytes = proxy_wasm::hostcalls::get_buffer(
+        proxy_wasm::types::BufferType::PluginConfiguration,
+        0,
+        usize::MAX,
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    match parse(&bytes) {
+        Ok(settings) => Some(settings),
+        Err(error) => {
+            let _ = proxy_wasm::hostcalls::log(
+                proxy_wasm::types::LogLevel::Error,
+                &error.log_line(filter),
+            );
+            None
+        }
+    }
+}

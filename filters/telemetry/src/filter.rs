@@ -17,7 +17,7 @@ use eastwest_common::resolve::{
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::Settings;
 use crate::dependencies::is_expected;
@@ -38,7 +38,7 @@ proxy_wasm::main! {{
 }}
 
 fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, &format!("eastwest-{FILTER}: {message}"));
+    host::log(FILTER, level, message);
 }
 
 /// Per-VM state shared by the root context and its streams.
@@ -125,16 +125,8 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let settings = match Settings::parse(&bytes) {
-            Ok(settings) => settings,
-            Err(error) => {
-                let _ = hostcalls::log(LogLevel::Error, &error.log_line(FILTER));
-                return false;
-            }
+        let Some(settings) = host::configure(FILTER, Settings::parse) else {
+            return false;
         };
         let define = |name: String| hostcalls::define_metric(MetricType::Counter, &name).ok();
         let shared = Shared {
