@@ -375,6 +375,16 @@ fn code(result: Result<(), Status>) -> i32 {
     }
 }
 
+/// A header-map type the ABI knows; anything else is `BadArgument`, checked before any guest
+/// memory is read, as Envoy's host does.
+fn map_type(map: i32) -> Result<u32, Status> {
+    let map = map as u32;
+    if map > MAP_MAX {
+        return Err(Status::BadArgument);
+    }
+    Ok(map)
+}
+
 macro_rules! wrap {
     ($linker:expr, $name:expr, |$caller:ident $(, $arg:ident : $ty:ty)*| $body:block) => {
         #[allow(unused_mut)]
@@ -496,10 +506,8 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_get_header_map_pairs",
         |caller, map: i32, ptr_ptr: i32, size_ptr: i32| {
-            if map as u32 > MAP_MAX {
-                return Err(Status::BadArgument);
-            }
-            let pairs = caller.data_mut().const_map(map as u32).unwrap_or_default();
+            let map = map_type(map)?;
+            let pairs = caller.data_mut().const_map(map).unwrap_or_default();
             let bytes = if pairs.is_empty() {
                 Vec::new()
             } else {
@@ -512,15 +520,10 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_set_header_map_pairs",
         |caller, map: i32, ptr: i32, size: i32| {
-            if map as u32 > MAP_MAX {
-                return Err(Status::BadArgument);
-            }
+            let map = map_type(map)?;
             let data = read(&caller, ptr, size)?;
             let pairs = headers::decode(&data);
-            let target = caller
-                .data_mut()
-                .mut_map(map as u32)
-                .ok_or(Status::BadArgument)?;
+            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
             target.clear();
             for (key, value) in pairs {
                 headers::add(target, &key, &value);
@@ -532,13 +535,11 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_get_header_map_value",
         |caller, map: i32, key_ptr: i32, key_size: i32, ptr_ptr: i32, size_ptr: i32| {
-            if map as u32 > MAP_MAX {
-                return Err(Status::BadArgument);
-            }
+            let map = map_type(map)?;
             let key = read(&caller, key_ptr, key_size)?;
             let pairs = caller
                 .data_mut()
-                .const_map(map as u32)
+                .const_map(map)
                 .ok_or(Status::BadArgument)?;
             let value = headers::get(&pairs, &key).ok_or(Status::NotFound)?.to_vec();
             copy_out(&mut caller, &value, ptr_ptr, size_ptr)
@@ -548,15 +549,10 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_add_header_map_value",
         |caller, map: i32, key_ptr: i32, key_size: i32, value_ptr: i32, value_size: i32| {
-            if map as u32 > MAP_MAX {
-                return Err(Status::BadArgument);
-            }
+            let map = map_type(map)?;
             let key = read(&caller, key_ptr, key_size)?;
             let value = read(&caller, value_ptr, value_size)?;
-            let target = caller
-                .data_mut()
-                .mut_map(map as u32)
-                .ok_or(Status::BadArgument)?;
+            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
             headers::add(target, &key, &value);
             Ok(())
         }
@@ -565,15 +561,10 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_replace_header_map_value",
         |caller, map: i32, key_ptr: i32, key_size: i32, value_ptr: i32, value_size: i32| {
-            if map as u32 > MAP_MAX {
-                return Err(Status::BadArgument);
-            }
+            let map = map_type(map)?;
             let key = read(&caller, key_ptr, key_size)?;
             let value = read(&caller, value_ptr, value_size)?;
-            let target = caller
-                .data_mut()
-                .mut_map(map as u32)
-                .ok_or(Status::BadArgument)?;
+            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
             headers::replace(target, &key, &value);
             Ok(())
         }
@@ -582,14 +573,9 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_remove_header_map_value",
         |caller, map: i32, key_ptr: i32, key_size: i32| {
-            if map as u32 > MAP_MAX {
-                return Err(Status::BadArgument);
-            }
+            let map = map_type(map)?;
             let key = read(&caller, key_ptr, key_size)?;
-            let target = caller
-                .data_mut()
-                .mut_map(map as u32)
-                .ok_or(Status::BadArgument)?;
+            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
             headers::remove(target, &key);
             Ok(())
         }
@@ -598,12 +584,10 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_get_header_map_size",
         |caller, map: i32, ptr: i32| {
-            if map as u32 > MAP_MAX {
-                return Err(Status::BadArgument);
-            }
+            let map = map_type(map)?;
             let pairs = caller
                 .data_mut()
-                .mut_map(map as u32)
+                .mut_map(map)
                 .ok_or(Status::BadArgument)?
                 .clone();
             // Envoy reports the map's byte size.
