@@ -1,6 +1,5 @@
 //! Where things live: the workspace, the Envoy binary, the built filters; and free ports.
 
-use std::collections::HashSet;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -99,22 +98,80 @@ pub fn sdk_filter_wasm(name: &str) -> Result<PathBuf> {
 /// A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed
 /// out before, so two listeners of one test never collide with each other.
 ///
-/// The port is released before returning (Envoy has to bind it), so another process could
-/// take it in between; the kernel hands out ephemeral ports in a way that makes that rare.
+/// The port is released before returning (Envoy has to bind it), so it must not come from the
+/// kernel's ephemeral range: every outgoing connection (a client, an Envoy upstream) takes its
+/// local port from there, and one did take a port between this check and Envoy's bind in CI.
+/// Ports are therefore handed out in order from below the ephemeral range, starting at an
+/// offset derived from the process id so that two test processes rarely probe the same ports.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let handed_out = HANDED_OUT.get_or_init(Default::default);
-    loop {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .expect("cannot bind a TCP socket on 127.0.0.1 to find a free port");
-        let port = listener
-            .local_addr()
-            .expect("a bound TCP socket has a local address")
-            .port();
-        let mut handed_out = handed_out.lock().unwrap_or_else(|e| e.into_inner());
-        if handed_out.insert(port) {
+    static NEXT: OnceLock<Mutex<PortCursor>> = OnceLock::new();
+    let cursor = NEXT.get_or_init(|| Mutex::new(PortCursor::new(listening_port_range())));
+    let mut cursor = cursor.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..cursor.range_len() {
+        let port = cursor.advance();
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
             return port;
         }
+    }
+    panic!(
+        "no free TCP port on 127.0.0.1 between {} and {} (below the kernel's ephemeral range)",
+        cursor.first,
+        cursor.first + cursor.range_len() - 1
+    )
+}
+
+/// The ports `free_port` hands out: from 10000 up to just below the start of the kernel's
+/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`; Linux defaults to 32768).
+fn listening_port_range() -> (u16, u16) {
+    const FIRST: u16 = 10_000;
+    let ephemeral: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let (ephemeral_start, ephemeral_end) = match ephemeral[..] {
+        [start, end] => (start, end),
+        _ => (32_768, 60_999),
+    };
+    if ephemeral_start > FIRST + 1_000 {
+        (FIRST, ephemeral_start - 1)
+    } else {
+        // An unusual kernel setting leaves no room below the ephemeral range: use the ports
+        // above it.
+        (ephemeral_end.saturating_add(1).min(64_000), 65_000)
+    }
+}
+
+/// Walks a port range in order, wrapping around, never returning a port twice per lap.
+struct PortCursor {
+    first: u16,
+    last: u16,
+    next: u16,
+}
+
+impl PortCursor {
+    fn new((first, last): (u16, u16)) -> Self {
+        let len = u32::from(last - first) + 1;
+        let offset = (std::process::id() * 7919) % len;
+        PortCursor {
+            first,
+            last,
+            next: first + offset as u16,
+        }
+    }
+
+    fn range_len(&self) -> u16 {
+        self.last - self.first + 1
+    }
+
+    fn advance(&mut self) -> u16 {
+        let port = self.next;
+        self.next = if port >= self.last {
+            self.first
+        } else {
+            port + 1
+        };
+        port
     }
 }
 
@@ -155,8 +212,21 @@ mod tests {
     }
 
     #[test]
-    fn free_ports_are_never_handed_out_twice() {
-        let ports: HashSet<u16> = (0..200).map(|_| free_port()).collect();
+    fn free_ports_are_never_handed_out_twice_and_avoid_the_ephemeral_range() {
+        let (_, last) = listening_port_range();
+        let ports: std::collections::HashSet<u16> = (0..200).map(|_| free_port()).collect();
         assert_eq!(ports.len(), 200);
+        assert!(ports.iter().all(|&port| port <= last), "{ports:?}");
+    }
+
+    #[test]
+    fn the_port_cursor_wraps_around_its_range() {
+        let mut cursor = PortCursor {
+            first: 100,
+            last: 102,
+            next: 101,
+        };
+        let walked: Vec<u16> = (0..4).map(|_| cursor.advance()).collect();
+        assert_eq!(walked, [101, 102, 100, 101]);
     }
 }
