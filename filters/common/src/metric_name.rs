@@ -3,9 +3,9 @@
 //! `(<tag>=\.=(.*?);\.;)` turn them back into Prometheus labels.
 
 /// Every tag an eastwest filter puts in metric names (DESIGN.md §4 plus the filters' own
-/// `failure`, `metric`, `reason` and `peer`): the shipped `stats_tags` and Istio settings must
+/// `failure`, `metric`, `reason`, `peer` and the retry budget's `mode`): the shipped `stats_tags` and Istio settings must
 /// cover exactly these.
-pub const ALL_TAGS: [&str; 18] = [
+pub const ALL_TAGS: [&str; 19] = [
     "reporter",
     "source_service",
     "source_namespace",
@@ -24,6 +24,7 @@ pub const ALL_TAGS: [&str; 18] = [
     "metric",
     "reason",
     "peer",
+    "mode",
 ];
 
 /// Appends a tag value so that it can never contain the `=.=` or `;.;` delimiters: `=` and `;`
