@@ -43,5 +43,6 @@ pub use client::{http2_request, http_request, http_request_with, RequestOptions,
 pub use envoy::{Envoy, EnvoyOptions};
 pub use load::{LoadPlan, LoadReport};
 pub use paths::{
-    dist_wasm, envoy_binary, free_port, sdk_filter_wasm, workspace_root, ENVOY_VERSION,
+    dist_wasm, envoy_binary, envoy_oldest_binary, free_port, sdk_filter_wasm, workspace_root,
+    ENVOY_OLDEST_VERSION, ENVOY_VERSION,
 };

