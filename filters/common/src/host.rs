@@ -39,6 +39,33 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> Status;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> Status;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> Status;
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> Status;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> Status;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> Status;
 }
 
 /// Takes ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
@@ -118,6 +145,108 @@ pub fn set_header(map: MapType, name: &str, value: Option<&[u8]>) -> Result<(), 
         Status::Ok => Ok(()),
         status => Err(status),
     }
+}
+
+/// A shared-data value and its CAS token; `Ok(None)` when the key was never written.
+pub fn shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: the host writes a pointer and size it allocated through our allocator.
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) }
+    {
+        Status::Ok => Ok(Some((unsafe { take_host_buffer(data, size) }, cas))),
+        Status::NotFound => Ok(None),
+        status => Err(status),
+    }
+}
+
+/// Writes shared data if the key is still at `cas` (0: unconditionally); `Err(CasMismatch)`
+/// when another VM wrote it first.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    // SAFETY: both slices outlive the call; the host copies them.
+    match unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    } {
+        Status::Ok => Ok(()),
+        status => Err(status),
+    }
+}
+
+/// Answers the request locally with `status`, `headers` and `body` (a gRPC status when
+/// `grpc_status` is not -1); the upstream is not contacted.
+pub fn send_local_reply(
+    status: u32,
+    details: &str,
+    headers: &[(&[u8], &[u8])],
+    body: &[u8],
+    grpc_status: i32,
+) -> Result<(), Status> {
+    let headers = header_pairs::encode(headers);
+    // SAFETY: every slice outlives the call; the host copies them.
+    match unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            grpc_status,
+        )
+    } {
+        Status::Ok => Ok(()),
+        status => Err(status),
+    }
+}
+
+/// The host's wall clock in nanoseconds since the epoch; `None` if the host refuses.
+pub fn now_nanos() -> Option<u64> {
+    let mut now: u64 = 0;
+    // SAFETY: the host writes one u64.
+    match unsafe { proxy_get_current_time_nanoseconds(&mut now) } {
+        Status::Ok => Some(now),
+        _ => None,
+    }
+}
+
+/// Asks for `on_tick` every `millis` milliseconds (0 stops the timer).
+pub fn set_tick_period(millis: u32) -> Result<(), Status> {
+    // SAFETY: no pointers.
+    match unsafe { proxy_set_tick_period_milliseconds(millis) } {
+        Status::Ok => Ok(()),
+        status => Err(status),
+    }
+}
+
+/// The calling service's labels on an inbound sidecar: what label-enrich published in filter
+/// state when it ran first, else resolved here from the request's claims with the same trust
+/// rules. The problems found while resolving are returned for the caller to count.
+pub fn inbound_source(
+    settings: &crate::resolve::LabelSettings,
+) -> (crate::labels::Labels, crate::resolve::Problems) {
+    if let Some(state) = property(&[crate::resolve::SOURCE_STATE_KEY]) {
+        return (
+            crate::resolve::labels_from_state(&state),
+            crate::resolve::Problems::default(),
+        );
+    }
+    let baggage = header_values(MapType::HttpRequestHeaders, "baggage").unwrap_or_default();
+    let slices: Vec<&[u8]> = baggage.iter().map(Vec::as_slice).collect();
+    let peer_metadata = header_value(
+        MapType::HttpRequestHeaders,
+        crate::peer::ISTIO_PEER_METADATA_HEADER,
+    )
+    .ok()
+    .flatten();
+    let outcome = crate::resolve::inbound_request(
+        settings,
+        &slices,
+        peer_metadata.as_deref(),
+        &downstream_identity(settings.peer_trust),
+    );
+    (outcome.source, outcome.problems)
 }
 
 /// A property's raw value; `None` when absent or when the host refuses.

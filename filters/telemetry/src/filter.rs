@@ -9,7 +9,6 @@ use std::rc::Rc;
 use eastwest_common::host;
 use eastwest_common::labels::{Label, Labels};
 use eastwest_common::metric_name::tagged_name;
-use eastwest_common::peer::ISTIO_PEER_METADATA_HEADER;
 use eastwest_common::properties::{decode_int64, Direction};
 use eastwest_common::resolve::{
     self, labels_from_state, Problem, Problems, DESTINATION_STATE_KEY, PEER_HEADER,
@@ -301,23 +300,8 @@ impl Stream {
             }
             Reporter::Destination => {
                 let destination = state(DESTINATION_STATE_KEY).unwrap_or_else(own);
-                let source = state(SOURCE_STATE_KEY).unwrap_or_else(|| {
-                    let baggage = host::header_values(MapType::HttpRequestHeaders, "baggage")
-                        .unwrap_or_default();
-                    let slices: Vec<&[u8]> = baggage.iter().map(Vec::as_slice).collect();
-                    let peer_metadata =
-                        host::header_value(MapType::HttpRequestHeaders, ISTIO_PEER_METADATA_HEADER)
-                            .ok()
-                            .flatten();
-                    let outcome = resolve::inbound_request(
-                        &shared.settings.labels,
-                        &slices,
-                        peer_metadata.as_deref(),
-                        &host::downstream_identity(shared.settings.labels.peer_trust),
-                    );
-                    shared.count_problems(&outcome.problems);
-                    outcome.source
-                });
+                let (source, problems) = host::inbound_source(&shared.settings.labels);
+                shared.count_problems(&problems);
                 (source, destination)
             }
         }
