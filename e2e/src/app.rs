@@ -79,6 +79,10 @@ struct AppState {
     fail_every_failed: AtomicU64,
     /// Responses cut off by `x-test-close-mid-response`.
     closed_mid_response: AtomicU64,
+    /// While set, every request is answered 503 at once ([`TestApp::set_outage`]).
+    outage: std::sync::atomic::AtomicBool,
+    /// 503s answered because of an outage.
+    outage_failures: AtomicU64,
 }
 
 /// The test application running in this process on its own tokio runtime; stops on drop.
@@ -145,6 +149,17 @@ impl TestApp {
     /// How many responses the app cut off because of `x-test-close-mid-response`.
     pub fn closed_mid_response(&self) -> u64 {
         self.state.closed_mid_response.load(Ordering::SeqCst)
+    }
+
+    /// Starts (`true`) or ends an outage: while it lasts, every request is answered with a
+    /// 503 as soon as it arrives, whatever its headers say, as a failing service does.
+    pub fn set_outage(&self, failing: bool) {
+        self.state.outage.store(failing, Ordering::SeqCst);
+    }
+
+    /// How many 503s the app answered because of an outage.
+    pub fn outage_failures(&self) -> u64 {
+        self.state.outage_failures.load(Ordering::SeqCst)
     }
 }
 
@@ -359,6 +374,13 @@ async fn handle(
     state: &AppState,
 ) -> Result<Response<AppBody>, ResetRequested> {
     state.requests_seen.fetch_add(1, Ordering::SeqCst);
+    if state.outage.load(Ordering::SeqCst) {
+        state.outage_failures.fetch_add(1, Ordering::SeqCst);
+        return Ok(plain_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outage".into(),
+        ));
+    }
     let instructions = match instructions(&request) {
         Ok(instructions) => instructions,
         Err(message) => return Ok(plain_response(StatusCode::BAD_REQUEST, message)),

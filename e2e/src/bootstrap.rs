@@ -173,6 +173,7 @@ pub struct ListenerBuilder {
     http_filters: Vec<Value>,
     retry_policy: Option<Value>,
     route_fields: Map<String, Value>,
+    virtual_host_fields: Map<String, Value>,
     downstream_tls: Option<WorkloadCert>,
     require_client_certificate: bool,
     access_logs: Vec<(PathBuf, String)>,
@@ -191,6 +192,7 @@ impl ListenerBuilder {
             http_filters: Vec::new(),
             retry_policy: None,
             route_fields: Map::new(),
+            virtual_host_fields: Map::new(),
             downstream_tls: None,
             require_client_certificate: true,
             access_logs: Vec::new(),
@@ -221,6 +223,13 @@ impl ListenerBuilder {
     /// `("timeout", json!("2s"))`.
     pub fn route_field(mut self, key: &str, value: Value) -> Self {
         self.route_fields.insert(key.to_owned(), value);
+        self
+    }
+
+    /// Sets any other field of the virtual host (`envoy.config.route.v3.VirtualHost`), e.g.
+    /// `("include_request_attempt_count", json!(true))`.
+    pub fn virtual_host_field(mut self, key: &str, value: Value) -> Self {
+        self.virtual_host_fields.insert(key.to_owned(), value);
         self
     }
 
@@ -277,17 +286,21 @@ impl ListenerBuilder {
             },
         }));
 
+        let mut virtual_host = json!({
+            "name": "all",
+            "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": route_action}],
+        });
+        if let Some(fields) = virtual_host.as_object_mut() {
+            fields.extend(self.virtual_host_fields);
+        }
         let mut hcm = json!({
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": self.stat_prefix.unwrap_or_else(|| self.name.clone()),
             "codec_type": "AUTO",
             "route_config": {
                 "name": format!("{}-routes", self.name),
-                "virtual_hosts": [{
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": route_action}],
-                }],
+                "virtual_hosts": [virtual_host],
             },
             "http_filters": http_filters,
         });
