@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod envoy;
 mod error;
+mod package;
 mod process;
 mod test;
 #[cfg(test)]
@@ -30,6 +31,9 @@ Commands:
   bench   load-test the filters inside real Envoy with wrk; arguments after `--` go to
           the benchmark, e.g. `cargo xtask bench -- --duration 30s`; then prints the
           harness's figures (`eastwest-harness bench`: requests/s, instructions/request)
+  package build the filters and write each as an OCI image (the Wasm \"compat\" image Istio's
+          WasmPlugin oci:// urls fetch) into dist/oci/<filter>/; prints the digests, the
+          push commands (oras, skopeo, crane) and the WasmPlugin url and sha256
   help    this text; `cargo xtask <command> --help` for a command's details
 
 Environment:
@@ -72,6 +76,13 @@ fn main() -> ExitCode {
                 Some(bench_args) => bench::bench(&ws, &bench_args),
                 None => {
                     print!("{}", bench::HELP);
+                    Ok(())
+                }
+            }),
+            "package" => package::parse_args(rest).and_then(|options| match options {
+                Some(options) => package::package(&ws, &options).map(drop),
+                None => {
+                    print!("{}", package::HELP);
                     Ok(())
                 }
             }),
