@@ -1,14 +1,54 @@
-//! The shipped Envoy configurations load in a real Envoy and agree with the filters' code.
+//! The shipped static Envoy configurations (`envoy-configs/static/`) load in the oldest and the
+//! newest supported Envoy, carry the shared fragments unchanged, place the filters as
+//! documented, and a complete sidecar pair serves traffic with the metrics the docs promise.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use eastwest_common::metric_name::{stats_tag_regex, ALL_TAGS};
-use eastwest_e2e::{dist_wasm, envoy_binary, workspace_root};
+use eastwest_e2e::{
+    dist_wasm, envoy_binary, envoy_oldest_binary, free_port, http_request, workspace_root, Envoy,
+    EnvoyOptions, TestApp, ENVOY_OLDEST_VERSION, ENVOY_VERSION,
+};
+use serde_json::{json, Value};
 
-/// `envoy --mode validate` builds every listener and filter (and runs the Wasm filters'
-/// `on_configure`) without serving traffic.
-fn validate(config: &str) -> (bool, String) {
-    let output = Command::new(envoy_binary().unwrap())
+const FILTERS: [&str; 3] = ["label-enrich", "telemetry", "retry-budget"];
+
+/// Every file these tests know about; a new file under envoy-configs/static must be added here
+/// (and is then checked like the others).
+const STATIC_CONFIGS: [&str; 5] = [
+    "sidecar-client-headers.yaml",
+    "sidecar-client.yaml",
+    "minimal/label-enrich.yaml",
+    "minimal/telemetry.yaml",
+    "minimal/retry-budget.yaml",
+];
+
+fn static_dir() -> PathBuf {
+    workspace_root().join("envoy-configs/static")
+}
+
+/// Both ends of the supported range, newest first: (version, binary).
+fn envoys() -> Vec<(&'static str, PathBuf)> {
+    vec![
+        (ENVOY_VERSION, envoy_binary().unwrap()),
+        (ENVOY_OLDEST_VERSION, envoy_oldest_binary().unwrap()),
+    ]
+}
+
+fn require_filters() {
+    for filter in FILTERS {
+        dist_wasm(filter).unwrap();
+    }
+}
+
+/// `envoy --mode validate` builds every listener, cluster and filter (and runs the Wasm
+/// filters' `on_configure`) without serving traffic. The working directory is the repository
+/// root, as the configs' comments say, so `dist/<filter>.wasm` resolves.
+fn validate(envoy: &Path, config: &Path) -> (bool, String) {
+    let output = Command::new(envoy)
         .args([
             "--mode",
             "validate",
@@ -16,8 +56,8 @@ fn validate(config: &str) -> (bool, String) {
             "-l",
             "warning",
             "-c",
-            config,
         ])
+        .arg(config)
         .current_dir(workspace_root())
         .output()
         .expect("run envoy --mode validate");
@@ -29,48 +69,127 @@ fn validate(config: &str) -> (bool, String) {
     (output.status.success(), text)
 }
 
-#[test]
-fn static_sidecar_bootstraps_validate() {
-    dist_wasm("label-enrich").unwrap();
-    let dir = workspace_root().join("envoy-configs/static");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|ext| ext == "yaml") {
-            let (ok, log) = validate(&path.display().to_string());
-            assert!(ok, "{} does not validate:\n{log}", path.display());
-            checked += 1;
+/// The YAML files under `dir`, recursively, relative to it.
+fn yaml_files_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "yaml") {
+                found.push(
+                    path.strip_prefix(dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
         }
     }
-    assert!(checked >= 1, "no bootstrap found in {}", dir.display());
+    found.sort();
+    found
+}
+
+fn load(relative: &str) -> Value {
+    let text = std::fs::read_to_string(static_dir().join(relative)).unwrap();
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+fn fragment(name: &str) -> Value {
+    let text = std::fs::read_to_string(workspace_root().join("envoy-configs/fragments").join(name))
+        .unwrap();
+    serde_yaml_ng::from_str(&text).unwrap()
 }
 
 #[test]
-fn a_broken_filter_configuration_fails_validation() {
-    dist_wasm("label-enrich").unwrap();
-    let original = std::fs::read_to_string(
-        workspace_root().join("envoy-configs/static/label-enrich-sidecar.yaml"),
-    )
-    .unwrap();
-    let broken = original.replacen(
-        r#"{"direction": "inbound", "peer_trust": "mtls"}"#,
-        r#"{"direction": "inbound", "peer_trust": "sometimes"}"#,
-        1,
+fn every_static_config_validates_on_the_oldest_and_the_newest_envoy() {
+    require_filters();
+    let mut expected: Vec<String> = STATIC_CONFIGS.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(
+        yaml_files_under(&static_dir()),
+        expected,
+        "the files under envoy-configs/static are the ones this test knows"
     );
-    assert_ne!(
-        broken, original,
-        "the sample configuration changed; update this test"
-    );
-    let path = workspace_root().join("target/broken-label-enrich-sidecar.yaml");
-    std::fs::write(&path, broken).unwrap();
-    let (ok, log) = validate(&path.display().to_string());
-    assert!(!ok, "a bad peer_trust must be refused");
-    assert!(
-        log.contains(
-            "eastwest-label-enrich: invalid configuration: peer_trust: unknown variant `sometimes`"
+    for (version, envoy) in envoys() {
+        for config in STATIC_CONFIGS {
+            let (ok, log) = validate(&envoy, &static_dir().join(config));
+            assert!(ok, "{config} does not validate on Envoy {version}:\n{log}");
+            assert!(log.contains("OK"), "{config} on Envoy {version}: {log}");
+        }
+    }
+}
+
+/// A filter that refuses its configuration makes validation fail on both Envoy versions, with
+/// the filter's own message: `--mode validate` really runs every filter of the sidecars,
+/// including retry-budget as an upstream filter of a cluster.
+#[test]
+fn a_broken_filter_configuration_fails_validation_on_both_envoys() {
+    require_filters();
+    let cases = [
+        (
+            "sidecar-client-headers.yaml",
+            r#"{"direction": "inbound", "peer_trust": "any"}"#,
+            r#"{"direction": "inbound", "peer_trust": "sometimes"}"#,
+            "eastwest-label-enrich: invalid configuration: peer_trust: unknown variant `sometimes`",
         ),
-        "{log}"
-    );
+        (
+            "sidecar-client-headers.yaml",
+            r#"{"direction": "outbound", "peer_trust": "any", "expected_dependencies""#,
+            r#"{"direction": "outbound", "peer_trust": "any", "max_series": 0, "expected_dependencies""#,
+            "eastwest-telemetry: invalid configuration: max_series",
+        ),
+        (
+            "sidecar-client.yaml",
+            r#"{"mode": "client", "ratio": 0.2"#,
+            r#"{"mode": "clients", "ratio": 0.2"#,
+            "eastwest-retry-budget: invalid configuration: mode",
+        ),
+        (
+            "sidecar-client-headers.yaml",
+            r#"{"mode": "server", "peer_trust": "any"}"#,
+            r#"{"mode": "server", "peer_trust": "any", "ratio": -1}"#,
+            "eastwest-retry-budget: invalid configuration: ratio",
+        ),
+    ];
+    for (index, (file, good, bad, message)) in cases.into_iter().enumerate() {
+        let original = std::fs::read_to_string(static_dir().join(file)).unwrap();
+        assert!(
+            original.contains(good),
+            "{file} no longer contains {good}; update this test"
+        );
+        let broken = original.replacen(good, bad, 1);
+        let path = workspace_root().join(format!("target/broken-static-config-{index}.yaml"));
+        std::fs::write(&path, broken).unwrap();
+        for (version, envoy) in envoys() {
+            let (ok, log) = validate(&envoy, &path);
+            assert!(!ok, "Envoy {version} accepted {bad} in {file}");
+            assert!(log.contains(message), "Envoy {version}, {file}: {log}");
+        }
+    }
+}
+
+#[test]
+fn static_configs_carry_exactly_the_fragments_stats_tags_and_buckets() {
+    let tags = fragment("stats-tags.yaml")["stats_tags"].clone();
+    let buckets = fragment("histogram-buckets.yaml")["histogram_bucket_settings"].clone();
+    assert_eq!(tags.as_array().unwrap().len(), ALL_TAGS.len());
+    for config in STATIC_CONFIGS {
+        let value = load(config);
+        assert_eq!(
+            value["stats_config"]["stats_tags"], tags,
+            "{config}: stats_tags differ from envoy-configs/fragments/stats-tags.yaml"
+        );
+        let loads_telemetry = !wasm_filters(&value, "telemetry").is_empty();
+        if loads_telemetry {
+            assert_eq!(
+                value["stats_config"]["histogram_bucket_settings"], buckets,
+                "{config}: histogram buckets differ from envoy-configs/fragments/histogram-buckets.yaml"
+            );
+        }
+    }
 }
 
 #[test]
@@ -85,6 +204,443 @@ fn stats_tags_fragment_matches_the_tags_the_filters_emit() {
             "missing {line} in stats-tags.yaml"
         );
     }
+}
+
+/// Every object in `value` that is an HTTP filter loading `dist/<filter>.wasm`, with its
+/// parsed JSON configuration.
+fn wasm_filters(value: &Value, filter: &str) -> Vec<Value> {
+    let mut found = Vec::new();
+    walk(value, &mut |v| {
+        let Some(config) = v.pointer("/typed_config/config") else {
+            return;
+        };
+        let file = config
+            .pointer("/vm_config/code/local/filename")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if file == format!("dist/{filter}.wasm") {
+            let json = config
+                .pointer("/configuration/value")
+                .and_then(Value::as_str)
+                .unwrap_or("{}");
+            found.push(serde_json::from_str(json).unwrap());
+        }
+    });
+    found
+}
+
+fn walk(value: &Value, visit: &mut dyn FnMut(&Value)) {
+    visit(value);
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| walk(item, visit)),
+        Value::Object(map) => map.values().for_each(|item| walk(item, visit)),
+        _ => {}
+    }
+}
+
+fn listener<'a>(config: &'a Value, name: &str) -> &'a Value {
+    config["static_resources"]["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no listener {name}"))
+}
+
+fn cluster<'a>(config: &'a Value, name: &str) -> &'a Value {
+    config["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
+fn hcm(listener: &Value) -> &Value {
+    &listener["filter_chains"][0]["filters"][0]["typed_config"]
+}
+
+fn filter_names(filters: &Value) -> Vec<&str> {
+    filters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect()
+}
+
+/// The places DESIGN.md §5 and the configs' comments promise: all three filters on both
+/// listeners (label-enrich first, the router last), retry-budget in `server` mode inbound,
+/// in `client-headers` mode on the outbound listener or in `client` mode as an upstream
+/// filter of every destination cluster, attempt counts and jittered backoff on every
+/// outbound route, and the shared access-log format.
+#[test]
+fn sidecars_place_the_filters_retries_and_access_logs_as_documented() {
+    let access_log_format = format!(
+        "{}\n",
+        std::fs::read_to_string(
+            workspace_root().join("envoy-configs/fragments/access-log-format.txt")
+        )
+        .unwrap()
+        .trim_end_matches('\n')
+    );
+    for (file, budget_on_clusters) in [
+        ("sidecar-client-headers.yaml", false),
+        ("sidecar-client.yaml", true),
+    ] {
+        let config = load(file);
+        let inbound = hcm(listener(&config, "inbound"));
+        assert_eq!(
+            filter_names(&inbound["http_filters"]),
+            [
+                "eastwest.label_enrich",
+                "eastwest.telemetry",
+                "eastwest.retry_budget",
+                "envoy.filters.http.router"
+            ],
+            "{file} inbound"
+        );
+        let outbound = hcm(listener(&config, "outbound"));
+        let expected_outbound: &[&str] = if budget_on_clusters {
+            &[
+                "eastwest.label_enrich",
+                "eastwest.telemetry",
+                "envoy.filters.http.router",
+            ]
+        } else {
+            &[
+                "eastwest.label_enrich",
+                "eastwest.telemetry",
+                "eastwest.retry_budget",
+                "envoy.filters.http.router",
+            ]
+        };
+        assert_eq!(
+            filter_names(&outbound["http_filters"]),
+            expected_outbound,
+            "{file} outbound"
+        );
+        let mut modes: Vec<String> = wasm_filters(&config, "retry-budget")
+            .iter()
+            .map(|c| c["mode"].as_str().unwrap_or("client-headers").to_string())
+            .collect();
+        modes.sort();
+        let destinations = outbound["route_config"]["virtual_hosts"]
+            .as_array()
+            .unwrap();
+        assert!(!destinations.is_empty());
+        if budget_on_clusters {
+            // One upstream filter per destination cluster (a YAML alias repeats it), plus the
+            // inbound one.
+            let mut expected = vec!["client".to_string(); destinations.len()];
+            expected.push("server".into());
+            assert_eq!(modes, expected, "{file}");
+        } else {
+            assert_eq!(modes, ["client-headers", "server"], "{file}");
+        }
+        for (name, listener_hcm) in [("inbound", inbound), ("outbound", outbound)] {
+            assert_eq!(
+                listener_hcm["access_log"][0]["typed_config"]["log_format"]["text_format_source"]
+                    ["inline_string"],
+                access_log_format.as_str(),
+                "{file} {name}: the access-log format differs from the fragment"
+            );
+        }
+        for vhost in destinations {
+            let route_cluster = vhost["routes"][0]["route"]["cluster"].as_str().unwrap();
+            assert_eq!(
+                vhost["include_request_attempt_count"], true,
+                "{file} {route_cluster}"
+            );
+            assert_eq!(
+                vhost["retry_policy"],
+                json!({
+                    "retry_on": "5xx,reset,connect-failure",
+                    "num_retries": 2,
+                    "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"}
+                }),
+                "{file} {route_cluster}"
+            );
+            let upstream_filters = cluster(&config, route_cluster)
+                ["typed_extension_protocol_options"]
+                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+                .clone();
+            if budget_on_clusters {
+                assert_eq!(
+                    filter_names(&upstream_filters),
+                    ["eastwest.retry_budget", "envoy.filters.http.upstream_codec"],
+                    "{file} cluster {route_cluster}"
+                );
+            } else {
+                assert!(upstream_filters.is_null(), "{file} cluster {route_cluster}");
+            }
+        }
+    }
+    // The minimal examples: exactly one eastwest filter each, the one they are named after.
+    for filter in FILTERS {
+        let file = format!("minimal/{filter}.yaml");
+        let config = load(&file);
+        for other in FILTERS {
+            let count = wasm_filters(&config, other).len();
+            assert_eq!(count, usize::from(other == filter), "{file} loads {other}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A complete sidecar pair on real Envoy.
+
+/// A shipped sidecar bootstrap made runnable next to other processes: every listener and the
+/// admin interface on a free 127.0.0.1 port, the application and peer clusters pointed at
+/// `clusters` (name -> port on 127.0.0.1), and the Wasm files by absolute path (Envoy runs in
+/// its own run directory).
+fn runnable(mut config: Value, clusters: &BTreeMap<&str, u16>) -> (Value, BTreeMap<String, u16>) {
+    let mut ports = BTreeMap::new();
+    let admin = free_port();
+    config["admin"]["address"]["socket_address"] =
+        json!({"address": "127.0.0.1", "port_value": admin});
+    ports.insert("admin".to_string(), admin);
+    for listener in config["static_resources"]["listeners"]
+        .as_array_mut()
+        .unwrap()
+    {
+        let port = free_port();
+        listener["address"]["socket_address"] = json!({"address": "127.0.0.1", "port_value": port});
+        ports.insert(listener["name"].as_str().unwrap().to_string(), port);
+    }
+    for cluster in config["static_resources"]["clusters"]
+        .as_array_mut()
+        .unwrap()
+    {
+        let name = cluster["name"].as_str().unwrap().to_string();
+        let port = *clusters
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("no port for cluster {name}"));
+        let endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array_mut()
+            .unwrap();
+        assert_eq!(endpoints.len(), 1, "cluster {name}");
+        endpoints[0]["endpoint"]["address"]["socket_address"] =
+            json!({"address": "127.0.0.1", "port_value": port});
+    }
+    let dist = workspace_root().join("dist");
+    rewrite_strings(&mut config, &|s: &str| {
+        s.strip_prefix("dist/")
+            .map(|file| dist.join(file).display().to_string())
+    });
+    (config, ports)
+}
+
+fn rewrite_strings(value: &mut Value, rewrite: &dyn Fn(&str) -> Option<String>) {
+    match value {
+        Value::String(s) => {
+            if let Some(new) = rewrite(s) {
+                *s = new;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_strings(v, rewrite)),
+        Value::Object(map) => map.values_mut().for_each(|v| rewrite_strings(v, rewrite)),
+        _ => {}
+    }
+}
+
+/// The node of the `payments` workload, in place of the shipped `checkout`.
+fn as_payments(mut config: Value) -> Value {
+    config["node"]["id"] = json!("sidecar~payments-5c8b.shop");
+    config["node"]["cluster"] = json!("payments.shop");
+    config["node"]["metadata"]["WORKLOAD_NAME"] = json!("payments-v1");
+    config["node"]["metadata"]["LABELS"] = json!({"app": "payments", "team": "payments", "criticality": "critical", "environment": "production"});
+    config
+}
+
+/// Samples of `name` in a Prometheus exposition: their labels and values.
+fn samples(exposition: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    exposition
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let labels = labels
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once("=\"")?;
+                    Some((key.to_string(), value.trim_end_matches('"').to_string()))
+                })
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` whose labels include `wanted`, once it reaches `at_least`
+/// (waiting up to 10 s for the stats flush).
+fn wait_for_sum(envoy: &Envoy, name: &str, wanted: &[(&str, &str)], at_least: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let exposition = envoy.prometheus().unwrap();
+        let sum: f64 = samples(&exposition, name)
+            .iter()
+            .filter(|(labels, _)| {
+                wanted
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, value)| value)
+            .sum();
+        if sum >= at_least || Instant::now() > deadline {
+            return sum;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `checkout` runs sidecar-client.yaml (retry-budget as an upstream filter), `payments` runs
+/// sidecar-client-headers.yaml (retry-budget `server` mode inbound); the test app stands
+/// behind payments. A call from checkout's application through both sidecars arrives with
+/// checkout's labels in `baggage`, both sidecars count it with both ends' labels, and a
+/// failing call is retried twice under the retry budget, on both sides.
+#[test]
+fn a_checkout_and_a_payments_sidecar_serve_a_call_with_labelled_metrics_and_budgeted_retries() {
+    require_filters();
+    let app = TestApp::start().unwrap();
+    let unused = free_port();
+
+    let (payments_config, payments_ports) = runnable(
+        as_payments(load("sidecar-client-headers.yaml")),
+        &BTreeMap::from([
+            ("local_app", app.port()),
+            ("payments", unused),
+            ("inventory", unused),
+        ]),
+    );
+    let payments = Envoy::start(
+        "static-sidecar-payments",
+        payments_config,
+        &EnvoyOptions::default(),
+    )
+    .unwrap();
+    let (checkout_config, checkout_ports) = runnable(
+        load("sidecar-client.yaml"),
+        &BTreeMap::from([
+            ("local_app", unused),
+            ("payments", payments_ports["inbound"]),
+            ("inventory", unused),
+        ]),
+    );
+    let checkout = Envoy::start(
+        "static-sidecar-checkout",
+        checkout_config,
+        &EnvoyOptions::default(),
+    )
+    .unwrap();
+    let outbound = format!("http://127.0.0.1:{}/pay", checkout_ports["outbound"]);
+
+    let response = http_request("GET", &outbound, &[("host", b"payments")], "").unwrap();
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let echo: Value = serde_json::from_slice(&response.body).unwrap();
+    let baggage: Vec<&str> = echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == "baggage")
+        .map(|h| h[1].as_str().unwrap())
+        .collect();
+    assert!(
+        baggage.iter().any(|b| b.contains("service.name=checkout")),
+        "the application behind payments' sidecar sees checkout's labels: {baggage:?}"
+    );
+    assert!(
+        !response
+            .headers
+            .iter()
+            .any(|(name, _)| name == "x-eastwest-peer"),
+        "checkout's sidecar removes x-eastwest-peer before its application sees it"
+    );
+
+    let pair = [
+        ("source_service", "checkout"),
+        ("source_namespace", "shop"),
+        ("source_team", "orders"),
+        ("destination_service", "payments"),
+        ("destination_namespace", "shop"),
+        ("destination_team", "payments"),
+        ("criticality", "critical"),
+        ("response_code", "200"),
+    ];
+    for (envoy, reporter) in [(&checkout, "source"), (&payments, "destination")] {
+        let mut labels = pair.to_vec();
+        labels.push(("reporter", reporter));
+        let count = wait_for_sum(envoy, "eastwest_requests_total", &labels, 1.0);
+        assert_eq!(
+            count,
+            1.0,
+            "reporter={reporter}:\n{}",
+            envoy.prometheus().unwrap()
+        );
+    }
+
+    // A 503 from the application: checkout's route retries it twice (x-envoy-attempt-count
+    // 2 and 3 reach payments), the budget admits both on both sides.
+    let response = http_request(
+        "GET",
+        &outbound,
+        &[("host", b"payments"), ("x-test-status", b"503")],
+        "",
+    )
+    .unwrap();
+    assert_eq!(response.status, 503);
+    assert_eq!(app.requests_seen(), 4, "one call, then 1 + 2 retries");
+    let retries = wait_for_sum(
+        &checkout,
+        "eastwest_retry_attempts_total",
+        &[("reporter", "source"), ("source_service", "checkout")],
+        2.0,
+    );
+    assert_eq!(retries, 2.0);
+    let admitted_by_client = wait_for_sum(
+        &checkout,
+        "eastwest_retry_budget_admitted_total",
+        &[("destination_service", "payments"), ("mode", "client")],
+        2.0,
+    );
+    assert_eq!(
+        admitted_by_client,
+        2.0,
+        "{}",
+        checkout.prometheus().unwrap()
+    );
+    let admitted_by_server = wait_for_sum(
+        &payments,
+        "eastwest_retry_budget_admitted_total",
+        &[
+            ("source_service", "checkout"),
+            ("destination_service", "payments"),
+            ("mode", "server"),
+        ],
+        2.0,
+    );
+    assert_eq!(
+        admitted_by_server,
+        2.0,
+        "{}",
+        payments.prometheus().unwrap()
+    );
+    let failed = wait_for_sum(
+        &checkout,
+        "eastwest_requests_total",
+        &[("reporter", "source"), ("response_code", "503")],
+        1.0,
+    );
+    assert_eq!(
+        failed, 1.0,
+        "the caller counts the call once, not per attempt"
+    );
 }
 
 #[test]
