@@ -38,10 +38,22 @@
 //! Every request the generator took a number for ends up in exactly one of `completed` (a
 //! whole response, any status), `errors` (connect, reset, timeout) or `abandoned`:
 //! `sent == completed + errors.total() + abandoned`.
+//!
+//! Open loop ([`LoadPlan::rate`]): instead of `concurrency` workers each waiting for its
+//! previous response, request `i` starts at `i / rate` seconds after the run began, whatever
+//! the earlier requests are doing, as independent users arrive. So the number of requests per
+//! second stays the same when the server slows down or fails (a closed loop would send less
+//! while retries slow the responses down). `concurrency` then caps the connections, i.e. the
+//! requests in flight: a request that finds every connection busy waits for one (and
+//! [`LoadReport::max_lag`] says how late it started). Idle connections are reused oldest
+//! first, so the load spreads over every connection the run opened.
+//!
+//! With [`LoadPlan::record_requests`] the report also keeps one [`RequestRecord`] per request
+//! (when it started and ended, and how), e.g. to compute the success ratio over time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -87,6 +99,11 @@ pub struct LoadPlan {
     pub http2: bool,
     /// Further headers per request, from its number (0-based).
     pub per_request_headers: Option<RequestHeaders>,
+    /// Open loop: requests started per second, on a fixed schedule (`None`: closed loop, each
+    /// of `concurrency` workers sends its next request when the previous one ended).
+    pub rate: Option<f64>,
+    /// Keep a [`RequestRecord`] per request in [`LoadReport::records`].
+    pub record_requests: bool,
 }
 
 impl std::fmt::Debug for LoadPlan {
@@ -103,6 +120,8 @@ impl std::fmt::Debug for LoadPlan {
             .field("headers", &self.headers)
             .field("http2", &self.http2)
             .field("per_request_headers", &self.per_request_headers.is_some())
+            .field("rate", &self.rate)
+            .field("record_requests", &self.record_requests)
             .finish()
     }
 }
@@ -123,6 +142,8 @@ impl LoadPlan {
             headers: Vec::new(),
             http2: false,
             per_request_headers: None,
+            rate: None,
+            record_requests: false,
         }
     }
 
@@ -167,6 +188,20 @@ impl LoadPlan {
         self
     }
 
+    /// Open loop: start `per_second` requests per second on a fixed schedule (request `i` at
+    /// `i / per_second` s), whatever the responses do; `concurrency` caps the connections
+    /// (requests in flight). `requests` and `max_duration` still bound the run.
+    pub fn rate(mut self, per_second: f64) -> Self {
+        self.rate = Some(per_second);
+        self
+    }
+
+    /// Keeps one [`RequestRecord`] per request in the report ([`LoadReport::records`]).
+    pub fn record_requests(mut self, record: bool) -> Self {
+        self.record_requests = record;
+        self
+    }
+
     /// Headers computed per request from its number, e.g. `x-test-seed`.
     pub fn per_request_headers(
         mut self,
@@ -201,6 +236,41 @@ impl LoadErrors {
     }
 }
 
+/// How one request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A complete response with this status.
+    Status(u16),
+    /// No connection could be made.
+    Connect,
+    /// The connection closed or the stream was reset before the response was complete.
+    Reset,
+    /// No complete response within `request_timeout`.
+    Timeout,
+    /// Still in flight when `max_duration` ran out.
+    Abandoned,
+}
+
+impl RequestOutcome {
+    /// A complete response with a 2xx status.
+    pub fn is_success(self) -> bool {
+        matches!(self, RequestOutcome::Status(status) if (200..300).contains(&status))
+    }
+}
+
+/// One request of a run ([`LoadPlan::record_requests`]). Times are offsets from
+/// [`LoadReport::started_at`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// The request's number (0-based).
+    pub index: u64,
+    /// When the generator took the request, before connecting if it had to.
+    pub start: Duration,
+    /// When its outcome was known (the last response byte, or the error).
+    pub end: Duration,
+    pub outcome: RequestOutcome,
+}
+
 /// What happened.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
@@ -226,10 +296,17 @@ pub struct LoadReport {
     pub connections: u64,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// When the run began: the origin of [`RequestRecord`] times and of the open-loop schedule.
+    pub started_at: std::time::Instant,
+    /// Open loop: the latest any request started after its scheduled time (waiting for a free
+    /// connection, or a busy machine). Zero for a closed loop.
+    pub max_lag: Duration,
+    /// One record per request, by index, when the plan asked for them.
+    pub records: Vec<RequestRecord>,
 }
 
 impl LoadReport {
-    fn empty(planned: u64) -> LoadReport {
+    fn empty(planned: u64, started_at: std::time::Instant) -> LoadReport {
         LoadReport {
             planned,
             sent: 0,
@@ -242,6 +319,9 @@ impl LoadReport {
             saturated: 0,
             connections: 0,
             elapsed: Duration::ZERO,
+            started_at,
+            max_lag: Duration::ZERO,
+            records: Vec::new(),
         }
     }
 
@@ -299,6 +379,45 @@ impl LoadReport {
             .expect("histograms with the same bounds always merge");
         self.saturated += other.saturated;
         self.connections += other.connections;
+        self.max_lag = self.max_lag.max(other.max_lag);
+        self.records.extend_from_slice(&other.records);
+    }
+
+    /// Counts one finished request (and records it if `record`).
+    fn account(&mut self, done: &Done, record: bool) {
+        self.sent += 1;
+        if done.connected {
+            self.connections += 1;
+        }
+        match done.outcome {
+            RequestOutcome::Status(status) => {
+                self.completed += 1;
+                *self.by_status.entry(status).or_default() += 1;
+            }
+            RequestOutcome::Connect => self.errors.connect += 1,
+            RequestOutcome::Reset => self.errors.reset += 1,
+            RequestOutcome::Timeout => self.errors.timeout += 1,
+            RequestOutcome::Abandoned => {
+                self.abandoned += 1;
+                self.stopped_by_deadline = true;
+            }
+        }
+        if let Some(micros) = done.latency_micros {
+            if micros > LATENCY_HIGH_US {
+                self.saturated += 1;
+            }
+            self.latency
+                .saturating_record(micros.clamp(LATENCY_LOW_US, LATENCY_HIGH_US));
+        }
+        if record {
+            let origin = Instant::from_std(self.started_at);
+            self.records.push(RequestRecord {
+                index: done.index,
+                start: done.start.saturating_duration_since(origin),
+                end: done.end.saturating_duration_since(origin),
+                outcome: done.outcome,
+            });
+        }
     }
 }
 
@@ -330,8 +449,29 @@ pub fn run(plan: &LoadPlan) -> Result<LoadReport> {
 /// [`run`] on the caller's tokio runtime.
 pub async fn run_async(plan: &LoadPlan) -> Result<LoadReport> {
     let target = Target::new(plan)?;
+    if let Some(rate) = plan.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            bail!("load generator: the rate must be a positive number of requests per second, not {rate}");
+        }
+    }
     let started = Instant::now();
     let deadline = started + plan.max_duration;
+    let mut report = match plan.rate {
+        Some(rate) => run_open_loop(plan, &target, started, deadline, rate).await?,
+        None => run_closed_loop(plan, &target, started, deadline).await?,
+    };
+    report.records.sort_by_key(|record| record.index);
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// `concurrency` workers, each sending its next request when the previous one ended.
+async fn run_closed_loop(
+    plan: &LoadPlan,
+    target: &Target,
+    started: Instant,
+    deadline: Instant,
+) -> Result<LoadReport> {
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..plan.concurrency.max(1) {
@@ -340,16 +480,73 @@ pub async fn run_async(plan: &LoadPlan) -> Result<LoadReport> {
             target: target.clone(),
             next: next.clone(),
             deadline,
-            report: LoadReport::empty(plan.requests),
+            report: LoadReport::empty(plan.requests, started.into_std()),
             connection: None,
         };
         workers.spawn(worker.run());
     }
-    let mut report = LoadReport::empty(plan.requests);
+    let mut report = LoadReport::empty(plan.requests, started.into_std());
     while let Some(done) = workers.join_next().await {
         report.merge(&done.context("load generator: a worker panicked")?);
     }
-    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Request `i` starts at `started + i / rate`, on a connection of the pool (at most
+/// `concurrency` of them, idle ones reused oldest first).
+async fn run_open_loop(
+    plan: &LoadPlan,
+    target: &Target,
+    started: Instant,
+    deadline: Instant,
+    rate: f64,
+) -> Result<LoadReport> {
+    let mut report = LoadReport::empty(plan.requests, started.into_std());
+    let plan = Arc::new(plan.clone());
+    let idle: Arc<Mutex<VecDeque<Sender>>> = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
+    let mut in_flight = tokio::task::JoinSet::new();
+    for index in 0..plan.requests {
+        let scheduled = started + Duration::from_secs_f64(index as f64 / rate);
+        if scheduled >= deadline {
+            report.stopped_by_deadline = true;
+            break;
+        }
+        tokio::time::sleep_until(scheduled).await;
+        let slot = match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
+            Ok(slot) => slot.context("load generator: the connection limit was closed")?,
+            Err(_) => {
+                report.stopped_by_deadline = true;
+                break;
+            }
+        };
+        report.max_lag = report.max_lag.max(Instant::now() - scheduled);
+        let connection = idle.lock().ok().and_then(|mut idle| idle.pop_front());
+        let (task_plan, task_target, task_idle) = (plan.clone(), target.clone(), idle.clone());
+        in_flight.spawn(async move {
+            let mut connection = connection;
+            let done = exchange(&task_plan, &task_target, &mut connection, deadline, index).await;
+            if let Some(sender) = connection {
+                if let Ok(mut idle) = task_idle.lock() {
+                    idle.push_back(sender);
+                }
+            }
+            drop(slot);
+            done
+        });
+        while let Some(done) = in_flight.try_join_next() {
+            report.account(
+                &done.context("load generator: a request task panicked")?,
+                plan.record_requests,
+            );
+        }
+    }
+    while let Some(done) = in_flight.join_next().await {
+        report.account(
+            &done.context("load generator: a request task panicked")?,
+            plan.record_requests,
+        );
+    }
     Ok(report)
 }
 
@@ -423,13 +620,16 @@ enum Sender {
     Http2(http2::SendRequest<Full<Bytes>>),
 }
 
-enum Outcome {
-    Completed(u16),
-    Connect,
-    Reset,
-    Timeout,
-    /// The hard stop came first.
-    Abandoned,
+/// One request, as it ended.
+struct Done {
+    index: u64,
+    outcome: RequestOutcome,
+    /// Completed requests: from handing the request to the connection to the last byte.
+    latency_micros: Option<u64>,
+    /// A new connection was opened for it.
+    connected: bool,
+    start: Instant,
+    end: Instant,
 }
 
 struct Worker {
@@ -455,117 +655,141 @@ impl Worker {
             if index >= self.plan.requests {
                 break;
             }
-            self.report.sent += 1;
-            match self.one_request(index).await {
-                Outcome::Completed(status) => {
-                    self.report.completed += 1;
-                    *self.report.by_status.entry(status).or_default() += 1;
-                }
-                Outcome::Connect => self.report.errors.connect += 1,
-                Outcome::Reset => self.report.errors.reset += 1,
-                Outcome::Timeout => self.report.errors.timeout += 1,
-                Outcome::Abandoned => {
-                    self.report.abandoned += 1;
-                    self.report.stopped_by_deadline = true;
-                    break;
-                }
+            let done = exchange(
+                &self.plan,
+                &self.target,
+                &mut self.connection,
+                self.deadline,
+                index,
+            )
+            .await;
+            self.report.account(&done, self.plan.record_requests);
+            if done.outcome == RequestOutcome::Abandoned {
+                break;
             }
         }
         self.report
     }
+}
 
-    async fn one_request(&mut self, index: u64) -> Outcome {
-        let request = match self.build_request(index) {
-            Ok(request) => request,
-            // Per-request headers that HTTP cannot carry: a bug in the test, not load.
-            Err(error) => panic!("load generator: request {index}: {error:#}"),
-        };
-        let (request_timeout, deadline) = (self.plan.request_timeout, self.deadline);
-        let sender = match self.ready_sender().await {
-            Ok(sender) => sender,
-            Err(outcome) => return outcome,
-        };
-        let started = Instant::now();
-        let limit = (started + request_timeout).min(deadline);
-        let exchange = async {
-            let response = match sender {
-                Sender::Http1(sender) => sender.send_request(request).await,
-                Sender::Http2(sender) => sender.send_request(request).await,
-            }?;
-            let status = response.status().as_u16();
-            response.into_body().collect().await?;
-            Ok::<u16, hyper::Error>(status)
-        };
-        match tokio::time::timeout_at(limit, exchange).await {
-            Ok(Ok(status)) => {
-                let micros = started.elapsed().as_micros() as u64;
-                if micros > LATENCY_HIGH_US {
-                    self.report.saturated += 1;
-                }
-                self.report
-                    .latency
-                    .saturating_record(micros.clamp(LATENCY_LOW_US, LATENCY_HIGH_US));
-                Outcome::Completed(status)
+/// Sends request `index` on `connection` (opening one if there is none or it was closed) and
+/// waits for the whole response. A connection that failed is dropped (`None`).
+async fn exchange(
+    plan: &LoadPlan,
+    target: &Target,
+    connection: &mut Option<Sender>,
+    deadline: Instant,
+    index: u64,
+) -> Done {
+    let start = Instant::now();
+    let mut done = Done {
+        index,
+        outcome: RequestOutcome::Abandoned,
+        latency_micros: None,
+        connected: false,
+        start,
+        end: start,
+    };
+    let request = match build_request(plan, target, index) {
+        Ok(request) => request,
+        // Per-request headers that HTTP cannot carry: a bug in the test, not load.
+        Err(error) => panic!("load generator: request {index}: {error:#}"),
+    };
+    let sender = match ready_sender(plan, target, connection, deadline).await {
+        Ok((sender, connected)) => {
+            done.connected = connected;
+            sender
+        }
+        Err((outcome, connected)) => {
+            done.connected = connected;
+            done.outcome = outcome;
+            done.end = Instant::now();
+            return done;
+        }
+    };
+    let sent = Instant::now();
+    let limit = (sent + plan.request_timeout).min(deadline);
+    let exchange = async {
+        let response = match sender {
+            Sender::Http1(sender) => sender.send_request(request).await,
+            Sender::Http2(sender) => sender.send_request(request).await,
+        }?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await?;
+        Ok::<u16, hyper::Error>(status)
+    };
+    done.outcome = match tokio::time::timeout_at(limit, exchange).await {
+        Ok(Ok(status)) => {
+            done.latency_micros = Some(sent.elapsed().as_micros() as u64);
+            RequestOutcome::Status(status)
+        }
+        Ok(Err(_)) => {
+            *connection = None;
+            RequestOutcome::Reset
+        }
+        Err(_) => {
+            *connection = None;
+            if limit >= deadline && Instant::now() >= deadline {
+                RequestOutcome::Abandoned
+            } else {
+                RequestOutcome::Timeout
             }
-            Ok(Err(_)) => {
-                self.connection = None;
-                Outcome::Reset
-            }
-            Err(_) => {
-                self.connection = None;
-                if limit >= self.deadline && Instant::now() >= self.deadline {
-                    Outcome::Abandoned
-                } else {
-                    Outcome::Timeout
-                }
-            }
+        }
+    };
+    done.end = Instant::now();
+    done
+}
+
+fn build_request(plan: &LoadPlan, target: &Target, index: u64) -> Result<Request<Full<Bytes>>> {
+    let mut request = Request::builder()
+        .method(target.method.clone())
+        .uri(target.uri.clone())
+        .body(Full::new(target.body.clone()))?;
+    let headers = request.headers_mut();
+    for (name, value) in &target.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    if let Some(per_request) = &plan.per_request_headers {
+        for (name, value) in header_pairs(&per_request(index))? {
+            headers.append(name, value);
         }
     }
+    Ok(request)
+}
 
-    fn build_request(&self, index: u64) -> Result<Request<Full<Bytes>>> {
-        let mut request = Request::builder()
-            .method(self.target.method.clone())
-            .uri(self.target.uri.clone())
-            .body(Full::new(self.target.body.clone()))?;
-        let headers = request.headers_mut();
-        for (name, value) in &self.target.headers {
-            headers.append(name.clone(), value.clone());
+/// The connection, ready for a request (and whether it was opened just now); a new one if
+/// there is none or the old one was closed. On failure, the outcome to count.
+async fn ready_sender<'a>(
+    plan: &LoadPlan,
+    target: &Target,
+    connection: &'a mut Option<Sender>,
+    deadline: Instant,
+) -> Result<(&'a mut Sender, bool), (RequestOutcome, bool)> {
+    if let Some(sender) = connection {
+        let ready = match sender {
+            Sender::Http1(sender) => sender.ready().await.is_ok(),
+            Sender::Http2(sender) => sender.ready().await.is_ok(),
+        };
+        if !ready {
+            *connection = None;
         }
-        if let Some(per_request) = &self.plan.per_request_headers {
-            for (name, value) in header_pairs(&per_request(index))? {
-                headers.append(name, value);
-            }
-        }
-        Ok(request)
     }
-
-    /// The worker's connection, ready for a request; a new one if there is none or the old
-    /// one was closed.
-    async fn ready_sender(&mut self) -> Result<&mut Sender, Outcome> {
-        if let Some(sender) = &mut self.connection {
-            let ready = match sender {
-                Sender::Http1(sender) => sender.ready().await.is_ok(),
-                Sender::Http2(sender) => sender.ready().await.is_ok(),
-            };
-            if !ready {
-                self.connection = None;
+    let mut connected = false;
+    if connection.is_none() {
+        let limit = (Instant::now() + plan.connect_timeout).min(deadline);
+        match tokio::time::timeout_at(limit, connect(&target.address, plan.http2)).await {
+            Ok(Ok(sender)) => {
+                connected = true;
+                *connection = Some(sender);
             }
+            Ok(Err(_)) => return Err((RequestOutcome::Connect, false)),
+            Err(_) if Instant::now() >= deadline => return Err((RequestOutcome::Abandoned, false)),
+            Err(_) => return Err((RequestOutcome::Connect, false)),
         }
-        if self.connection.is_none() {
-            let limit = (Instant::now() + self.plan.connect_timeout).min(self.deadline);
-            match tokio::time::timeout_at(limit, connect(&self.target.address, self.plan.http2))
-                .await
-            {
-                Ok(Ok(sender)) => {
-                    self.report.connections += 1;
-                    self.connection = Some(sender);
-                }
-                Ok(Err(_)) => return Err(Outcome::Connect),
-                Err(_) if Instant::now() >= self.deadline => return Err(Outcome::Abandoned),
-                Err(_) => return Err(Outcome::Connect),
-            }
-        }
-        Ok(self.connection.as_mut().expect("connected above"))
+    }
+    match connection.as_mut() {
+        Some(sender) => Ok((sender, connected)),
+        None => Err((RequestOutcome::Connect, connected)),
     }
 }
 
@@ -582,5 +806,125 @@ async fn connect(address: &str, http2: bool) -> Result<Sender> {
         let (sender, connection) = http1::handshake(io).await?;
         tokio::spawn(connection);
         Ok(Sender::Http1(sender))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestApp;
+
+    fn assert_accounted(report: &LoadReport) {
+        assert_eq!(
+            report.sent,
+            report.completed + report.errors.total() + report.abandoned,
+            "{}",
+            report.summary()
+        );
+    }
+
+    #[test]
+    fn open_loop_keeps_its_schedule_while_responses_are_slow() {
+        let app = TestApp::start().unwrap();
+        // 100 requests at 100/s, each answered after 300 ms: a closed loop of 4 workers would
+        // need 7.5 s; on schedule they take ~1 s plus the last response, with ~30 in flight.
+        let plan = LoadPlan::new(format!("http://127.0.0.1:{}/slow", app.port()), 100)
+            .rate(100.0)
+            .concurrency(64)
+            .header("x-test-delay-ms", "300")
+            .record_requests(true);
+        let report = run(&plan).unwrap();
+        eprintln!("{}", report.summary());
+        assert_accounted(&report);
+        assert_eq!(report.status_count(200), 100, "{}", report.summary());
+        assert!(
+            report.elapsed < Duration::from_secs(3),
+            "{}",
+            report.summary()
+        );
+        assert!(
+            (25..=64).contains(&report.connections),
+            "about 30 requests in flight need about 30 connections: {}",
+            report.summary()
+        );
+        assert_eq!(report.records.len(), 100);
+        for (i, record) in report.records.iter().enumerate() {
+            assert_eq!(record.index, i as u64);
+            assert_eq!(record.outcome, RequestOutcome::Status(200));
+            assert!(record.outcome.is_success());
+            assert!(
+                record.end >= record.start + Duration::from_millis(300),
+                "{record:?}"
+            );
+            // Request i starts at i × 10 ms, give or take a busy machine.
+            let scheduled = Duration::from_millis(10 * i as u64);
+            assert!(
+                record.start >= scheduled
+                    && record.start <= scheduled + report.max_lag + Duration::from_millis(5),
+                "{record:?} (max lag {:?})",
+                report.max_lag
+            );
+        }
+        assert!(
+            report.max_lag < Duration::from_millis(250),
+            "{:?}",
+            report.max_lag
+        );
+        assert_eq!(app.requests_seen(), 100);
+    }
+
+    #[test]
+    fn open_loop_waits_for_a_connection_when_all_are_busy_and_stops_at_the_deadline() {
+        let app = TestApp::start().unwrap();
+        // Two connections, 200 ms per request, 50 requests/s planned: the connections allow 10
+        // per second, so requests start late and the 1 s limit cuts the run short.
+        let plan = LoadPlan::new(format!("http://127.0.0.1:{}/", app.port()), 1_000)
+            .rate(50.0)
+            .concurrency(2)
+            .header("x-test-delay-ms", "200")
+            .max_duration(Duration::from_secs(1))
+            .record_requests(true);
+        let report = run(&plan).unwrap();
+        eprintln!("{}", report.summary());
+        assert_accounted(&report);
+        assert!(report.stopped_by_deadline);
+        assert_eq!(report.connections, 2, "{}", report.summary());
+        assert!(
+            (8..=12).contains(&report.sent),
+            "two connections, 200 ms each, for 1 s: {}",
+            report.summary()
+        );
+        assert!(
+            report.max_lag >= Duration::from_millis(500),
+            "{:?}",
+            report.max_lag
+        );
+        assert_eq!(report.records.len() as u64, report.sent);
+        assert!(report.elapsed < Duration::from_millis(1_500));
+    }
+
+    #[test]
+    fn closed_loop_records_every_request_and_refuses_a_bad_rate() {
+        let app = TestApp::start().unwrap();
+        let url = format!("http://127.0.0.1:{}/", app.port());
+        let report = run(&LoadPlan::new(&url, 20)
+            .concurrency(2)
+            .header("x-test-status", "503")
+            .record_requests(true))
+        .unwrap();
+        assert_eq!(report.records.len(), 20);
+        assert!(report
+            .records
+            .iter()
+            .all(|record| record.outcome == RequestOutcome::Status(503)
+                && !record.outcome.is_success()
+                && record.end >= record.start));
+        assert_eq!(report.max_lag, Duration::ZERO);
+        // Without the option, no records.
+        let report = run(&LoadPlan::new(&url, 5)).unwrap();
+        assert!(report.records.is_empty());
+        for rate in [0.0, -1.0, f64::NAN] {
+            assert!(run(&LoadPlan::new(&url, 5).rate(rate)).is_err(), "{rate}");
+        }
     }
 }
