@@ -40,7 +40,8 @@ WasmPlugin.
 
 Options:
   --skip-build     package the modules already in dist/ (from `cargo xtask build`)
-  --out DIR        where the layouts go (default dist/oci); DIR/<filter>/ is replaced
+  --out DIR        where the layouts go, relative to the workspace root (default
+                   dist/oci); DIR/<filter>/ is replaced
   --tag TAG        the tag in index.json (default: the workspace version, 0.1.0)
   --registry REPO  the repository prefix used in the printed commands and urls
                    (default registry.example.com/eastwest, a placeholder)
