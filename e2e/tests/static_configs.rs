@@ -495,13 +495,65 @@ fn wait_for_sum(envoy: &Envoy, name: &str, wanted: &[(&str, &str)], at_least: f6
     }
 }
 
+/// The release of an Envoy binary, e.g. (1, 36) for 1.36.2.
+fn envoy_release(envoy: &Path) -> (u32, u32) {
+    let output = Command::new(envoy).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.split("version:")
+        .nth(1)
+        .and_then(|build| build.split('/').nth(1))
+        .and_then(|release| {
+            let mut parts = release.split('.').map(|p| p.parse::<u32>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or_else(|| panic!("no release in {text}"))
+}
+
+/// Set in the child process that runs the sidecar pair on the oldest Envoy.
+const PAIR_ON_OLDEST: &str = "EASTWEST_STATIC_PAIR_ON_OLDEST";
+
+/// The same pair on the oldest supported Envoy: this test binary runs the test above again,
+/// with `EASTWEST_ENVOY` naming the oldest Envoy (the harness starts `EASTWEST_ENVOY`).
+#[test]
+fn the_sidecar_pair_also_serves_on_the_oldest_envoy() {
+    if std::env::var_os(PAIR_ON_OLDEST).is_some() {
+        return;
+    }
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_checkout_and_a_payments_sidecar_serve_a_call_with_labelled_metrics_and_budgeted_retries",
+            "--nocapture",
+        ])
+        .env("EASTWEST_ENVOY", envoy_oldest_binary().unwrap())
+        .env(PAIR_ON_OLDEST, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && text.contains("1 passed"),
+        "on Envoy {ENVOY_OLDEST_VERSION}:\n{text}"
+    );
+}
+
 /// `checkout` runs sidecar-client.yaml (retry-budget as an upstream filter), `payments` runs
 /// sidecar-client-headers.yaml (retry-budget `server` mode inbound); the test app stands
 /// behind payments. A call from checkout's application through both sidecars arrives with
 /// checkout's labels in `baggage`, both sidecars count it with both ends' labels, and a
 /// failing call is retried twice under the retry budget, on both sides.
+///
+/// Envoy 1.36 to 1.38 put the metrics of a Wasm filter running as an upstream filter in the
+/// cluster's stats scope (docs/deploy/static-envoy.md, "Envoy versions"): there the `client`
+/// mode's counters are `envoy_cluster_wasmcustom_eastwest_retry_budget_*` with an
+/// `envoy_cluster_name` label, and the plain names are absent.
 #[test]
 fn a_checkout_and_a_payments_sidecar_serve_a_call_with_labelled_metrics_and_budgeted_retries() {
+    let release = envoy_release(&envoy_binary().unwrap());
+    let upstream_metrics_in_cluster_scope = release < (1, 39);
     require_filters();
     let app = TestApp::start().unwrap();
     let unused = free_port();
@@ -603,18 +655,36 @@ fn a_checkout_and_a_payments_sidecar_serve_a_call_with_labelled_metrics_and_budg
         2.0,
     );
     assert_eq!(retries, 2.0);
-    let admitted_by_client = wait_for_sum(
-        &checkout,
-        "eastwest_retry_budget_admitted_total",
-        &[("destination_service", "payments"), ("mode", "client")],
-        2.0,
-    );
+    let (client_metric, client_labels) = if upstream_metrics_in_cluster_scope {
+        (
+            "envoy_cluster_wasmcustom_eastwest_retry_budget_admitted_total",
+            vec![
+                ("destination_service", "payments"),
+                ("mode", "client"),
+                ("envoy_cluster_name", "payments"),
+            ],
+        )
+    } else {
+        (
+            "eastwest_retry_budget_admitted_total",
+            vec![("destination_service", "payments"), ("mode", "client")],
+        )
+    };
+    let admitted_by_client = wait_for_sum(&checkout, client_metric, &client_labels, 2.0);
     assert_eq!(
         admitted_by_client,
         2.0,
-        "{}",
+        "Envoy {release:?}: {client_metric}\n{}",
         checkout.prometheus().unwrap()
     );
+    if upstream_metrics_in_cluster_scope {
+        let exposition = checkout.prometheus().unwrap();
+        assert!(
+            samples(&exposition, "eastwest_retry_budget_admitted_total").is_empty(),
+            "Envoy {release:?} now exposes the client mode's metrics under their own names: \
+             update docs/deploy/static-envoy.md\n{exposition}"
+        );
+    }
     let admitted_by_server = wait_for_sum(
         &payments,
         "eastwest_retry_budget_admitted_total",
