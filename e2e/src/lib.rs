@@ -32,6 +32,7 @@ pub mod load;
 mod paths;
 pub mod process;
 pub mod prometheus;
+pub mod retry_storm;
 pub mod wat_modules;
 
 pub use app::TestApp;
