@@ -647,13 +647,19 @@ fn snapshot(caller: &Envoy, callee: &Envoy) -> Result<EnvoyCounts> {
     })
 }
 
-/// The sum of every sample of `metric` in a Prometheus exposition.
+/// The sum of every sample of `metric` in a Prometheus exposition, including the series Envoy
+/// 1.36 to 1.38 keep in an upstream filter's cluster scope
+/// (`envoy_cluster_wasmcustom_<metric>`).
 pub fn prometheus_sum(exposition: &str, metric: &str) -> u64 {
     exposition
         .lines()
+        .filter(|line| !line.starts_with('#'))
         .filter(|line| {
-            line.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            name == metric
+                || name
+                    .strip_suffix(metric)
+                    .is_some_and(|prefix| prefix.ends_with("_wasmcustom_"))
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
@@ -917,11 +923,13 @@ mod tests {
 eastwest_retry_budget_denied_total{destination_service=\"checkout\",mode=\"client\"} 7
 eastwest_retry_budget_denied_total{destination_service=\"other\",mode=\"client\"} 5
 eastwest_retry_budget_denied_total_other 100
+envoy_cluster_wasmcustom_eastwest_retry_budget_denied_total{envoy_cluster_name=\"checkout\"} 2
+other_eastwest_retry_budget_denied_total 1000
 eastwest_retry_budget_admitted_total{destination_service=\"checkout\"} 3
 ";
         assert_eq!(
             prometheus_sum(exposition, "eastwest_retry_budget_denied_total"),
-            12
+            14
         );
         assert_eq!(prometheus_sum(exposition, "missing"), 0);
     }

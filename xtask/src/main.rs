@@ -6,6 +6,7 @@ mod envoy;
 mod error;
 mod package;
 mod process;
+mod retry_storm;
 mod test;
 #[cfg(test)]
 mod testing;
@@ -34,6 +35,11 @@ Commands:
   package build the filters and write each as an OCI image (the Wasm \"compat\" image Istio's
           WasmPlugin oci:// urls fetch) into dist/oci/<filter>/; prints the digests, the
           push commands (oras, skopeo, crane) and the WasmPlugin url and sha256
+  retry-storm
+          the retry-storm experiment in real Envoy: a callee fails for 4 s under a steady
+          load; prints, for no budget, Envoy's retry_budget and eastwest's three modes, how
+          many attempts per request reached the callee, the retries admitted, the budget's
+          denials and how fast success returned, next to the bound the budget allows
   help    this text; `cargo xtask <command> --help` for a command's details
 
 Environment:
@@ -76,6 +82,13 @@ fn main() -> ExitCode {
                 Some(bench_args) => bench::bench(&ws, &bench_args),
                 None => {
                     print!("{}", bench::HELP);
+                    Ok(())
+                }
+            }),
+            "retry-storm" => retry_storm::parse_args(rest).and_then(|args| match args {
+                Some(args) => retry_storm::retry_storm(&ws, &args),
+                None => {
+                    print!("{}", retry_storm::HELP);
                     Ok(())
                 }
             }),
