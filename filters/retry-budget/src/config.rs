@@ -232,7 +232,10 @@ mod tests {
         .unwrap();
         assert_eq!(settings.mode, Mode::Client);
         assert_eq!(settings.params_for("payments"), Params::new(0.05, 2.0, 2.0));
-        assert_eq!(settings.params_for("inventory"), Params::new(0.1, 2.0, 10.0));
+        assert_eq!(
+            settings.params_for("inventory"),
+            Params::new(0.1, 2.0, 10.0)
+        );
         assert_eq!(settings.params_for("other"), Params::new(0.1, 2.0, 10.0));
         // Slots of the 2 s window are 200 ms.
         assert_eq!(settings.publish_period_millis(), 200);
@@ -257,7 +260,10 @@ mod tests {
             (br#"{"mode": "clients"}"#, "mode"),
             (br#"{"ratio": -0.1}"#, "ratio"),
             (br#"{"ratio": "20%"}"#, "ratio"),
-            (br#"{"min_retries_per_second": -1}"#, "min_retries_per_second"),
+            (
+                br#"{"min_retries_per_second": -1}"#,
+                "min_retries_per_second",
+            ),
             (br#"{"ttl_seconds": 0}"#, "ttl_seconds"),
             (
                 br#"{"destinations": {"payments": {"ratio": 101}}}"#,

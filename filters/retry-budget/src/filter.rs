@@ -346,7 +346,10 @@ impl Stream {
                     service: own.get_or_unknown(Label::Service).to_string(),
                     namespace: own.get_or_unknown(Label::Namespace).to_string(),
                 };
-                (caller.get_or_unknown(Label::Service).to_string(), destination)
+                (
+                    caller.get_or_unknown(Label::Service).to_string(),
+                    destination,
+                )
             }
             Mode::Client | Mode::ClientHeaders => {
                 let destination = Stream::outbound_destination();
@@ -475,8 +478,7 @@ impl Stream {
         match room {
             Ok(true) => {}
             Ok(false) => {
-                match host::set_header(MapType::HttpRequestHeaders, ENVOY_MAX_RETRIES, Some(b"0"))
-                {
+                match host::set_header(MapType::HttpRequestHeaders, ENVOY_MAX_RETRIES, Some(b"0")) {
                     Ok(()) => self.retries_disabled = true,
                     Err(_) => shared.count_fail_open(FailOpen::HostCall),
                 }

@@ -43,7 +43,10 @@ fn parse_count(value: &[u8]) -> Option<u32> {
         return None;
     }
     // Anything beyond u32 is absurd but still "many": saturate rather than refuse.
-    Some(text.parse::<u64>().map_or(u32::MAX, |n| n.min(u64::from(u32::MAX)) as u32))
+    Some(
+        text.parse::<u64>()
+            .map_or(u32::MAX, |n| n.min(u64::from(u32::MAX)) as u32),
+    )
 }
 
 /// Reads the attempt headers Envoy (`x-envoy-attempt-count`, 1-based) and gRPC clients
