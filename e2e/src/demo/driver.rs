@@ -153,7 +153,7 @@ impl Driver {
     /// The `q` quantile of the end-to-end latency so far, in milliseconds.
     pub fn latency_ms(&self, q: f64) -> Option<f64> {
         let histogram = self.latencies.lock().ok()?;
-        (histogram.len() > 0).then(|| histogram.value_at_quantile(q) as f64 / 1000.0)
+        (!histogram.is_empty()).then(|| histogram.value_at_quantile(q) as f64 / 1000.0)
     }
 
     /// Stops sending, waits up to a few seconds for the requests in flight, then stops.

@@ -241,14 +241,29 @@ impl Snapshot {
         stats
     }
 
-    /// Total retry-budget decisions over every destination and mode.
+    /// Retries over every destination, counted once: `admitted` went through (admitted by the
+    /// caller's budget and not shed by the callee's), `denied` were stopped by either. A retry
+    /// admitted on the caller's sidecar (`client`, `client-headers`) also shows up in the
+    /// callee's (`server`), so the modes are not simply added up.
     pub fn budget_totals(&self) -> BudgetStats {
-        self.budgets
-            .values()
-            .fold(BudgetStats::default(), |total, budget| BudgetStats {
-                admitted: total.admitted + budget.admitted,
-                denied: total.denied + budget.denied,
-            })
+        let mut caller = BudgetStats::default();
+        let mut callee = BudgetStats::default();
+        for ((_, mode), budget) in &self.budgets {
+            let side = if mode == "server" {
+                &mut callee
+            } else {
+                &mut caller
+            };
+            side.admitted += budget.admitted;
+            side.denied += budget.denied;
+        }
+        if caller == BudgetStats::default() {
+            return callee;
+        }
+        BudgetStats {
+            admitted: (caller.admitted - callee.denied).max(0.0),
+            denied: caller.denied + callee.denied,
+        }
     }
 
     /// What happened between `earlier` and `self` (counters and buckets subtracted; series
@@ -414,9 +429,32 @@ mod tests {
         let interval = later.since(&earlier);
         let pay = &interval.pairs[&("checkout".to_owned(), "payments".to_owned())];
         assert_eq!(pay.requests, 45.0);
-        assert_eq!(pay.bucket_list(), [(10.0, 45.0), (f64::INFINITY, 45.0)]);
+        // The 45 new 200s all took more than 10 ms.
+        assert_eq!(pay.bucket_list(), [(10.0, 0.0), (f64::INFINITY, 45.0)]);
         assert_eq!(interval.budget_totals().admitted, 15.0);
         assert_eq!(interval.budget_totals().denied, 0.0);
         assert!(is_error("503") && is_error("0") && !is_error("404") && !is_error("x"));
+    }
+
+    #[test]
+    fn retries_admitted_by_the_caller_and_seen_by_the_callee_count_once() {
+        let text = "eastwest_retry_budget_admitted_total{destination_service=\"p\",mode=\"client-headers\"} 40\n\
+                    eastwest_retry_budget_denied_total{destination_service=\"p\",mode=\"client-headers\"} 100\n\
+                    eastwest_retry_budget_admitted_total{destination_service=\"p\",mode=\"server\"} 35\n\
+                    eastwest_retry_budget_denied_total{destination_service=\"p\",mode=\"server\"} 5\n";
+        let snapshot = Snapshot::from_samples(&parse_exposition(text));
+        assert_eq!(
+            snapshot.budget_totals(),
+            BudgetStats {
+                admitted: 35.0,
+                denied: 105.0
+            }
+        );
+        let server_only = Snapshot::from_samples(&parse_exposition(
+            &text
+                .replace("client-headers", "x")
+                .replace("mode=\"x\"", "mode=\"server\""),
+        ));
+        assert_eq!(server_only.budget_totals().denied, 105.0);
     }
 }

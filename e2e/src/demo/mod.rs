@@ -178,7 +178,7 @@ pub enum Outcome {
 }
 
 fn stamp(elapsed: Duration) -> String {
-    format!("[{:>3.0}s]", elapsed.as_secs_f64().floor())
+    format!("[{:>5.1}s]", elapsed.as_secs_f64())
 }
 
 /// Scrapes every sidecar; None when none answered.
@@ -402,12 +402,12 @@ fn drive(options: &DemoOptions, mesh: &Mesh) -> Result<RunRecord> {
     let outage_at = options.duration / 3;
     let recover_at = options.duration * 2 / 3;
     println!(
-        "Driving {:.0} requests/s to frontend for {:.0} s; {} will fail from {:.0} s to {:.0} s.\n",
+        "Driving {:.0} requests/s to frontend for {}; {} will fail from {} to {}.\n",
         options.rate,
-        options.duration.as_secs_f64(),
+        summary::seconds(options.duration),
         topology::OUTAGE_SERVICE,
-        outage_at.as_secs_f64(),
-        recover_at.as_secs_f64()
+        summary::seconds(outage_at),
+        summary::seconds(recover_at)
     );
     let mut driver = Driver::start(
         &format!("http://127.0.0.1:{}/", entry.ports.app),

@@ -62,8 +62,7 @@ impl RunRecord {
         let at = |time: Duration| {
             self.samples
                 .iter()
-                .filter(|sample| sample.at <= time)
-                .next_back()
+                .rfind(|sample| sample.at <= time)
                 .map(|sample| sample.driver)
                 .unwrap_or_default()
         };

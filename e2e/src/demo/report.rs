@@ -69,7 +69,7 @@ end-to-end traffic chart, which the traffic driver measured.</p>
 <div class="tiles">
 <div class="tile"><b>{requests}</b>requests to {entry}</div>
 <div class="tile"><b>{error_ratio:.1}%</b>failed end to end</div>
-<div class="tile"><b>{admitted:.0} / {denied:.0}</b>retries admitted / denied</div>
+<div class="tile"><b>{admitted:.0} / {denied:.0}</b>retries through / stopped by the budget</div>
 <div class="tile"><b>{unexpected:.0}</b>requests on unexpected dependencies</div>
 </div>
 "#,
@@ -392,11 +392,14 @@ fn stacked_bars_svg(
     svg
 }
 
+/// A line of a chart: name, colour, and `(x seconds, y)` points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, Option<f64>)>);
+
 /// Lines over time; `None` values leave a gap.
 fn line_chart_svg(
     title: &str,
     unit: &str,
-    series: &[(&str, &str, Vec<(f64, Option<f64>)>)],
+    series: &[Series<'_>],
     x_max: f64,
     shade: Option<(f64, f64)>,
 ) -> String {

@@ -32,8 +32,14 @@ fn percent(ratio: f64) -> String {
     format!("{:.1}%", ratio * 100.0)
 }
 
-fn seconds(duration: std::time::Duration) -> String {
-    format!("{:.0} s", duration.as_secs_f64())
+/// `20 s`, or `6.7 s` when not a whole number of seconds.
+pub fn seconds(duration: std::time::Duration) -> String {
+    let value = duration.as_secs_f64();
+    if (value - value.round()).abs() < 0.05 {
+        format!("{value:.0} s")
+    } else {
+        format!("{value:.1} s")
+    }
 }
 
 /// The whole summary, ready to print.
@@ -165,8 +171,8 @@ pub fn summary_text(record: &RunRecord) -> String {
     let total = record.mesh.budget_totals();
     let _ = writeln!(
         out,
-        "  in all: {} retries admitted, {} denied; without the budget every failed call could \
-         have been tried 3 times at each hop",
+        "  in all: {} retries went through, {} were stopped by a retry budget (the route \
+         policy allows 2 per call)",
         total.admitted, total.denied
     );
 
@@ -269,7 +275,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("inventory (team supply) → payments (team payments): 7 requests (counted by payments's sidecar)"),
+            text.contains("inventory (team supply) → payments (team payments): 7 requests (counted by the payments sidecar)"),
             "{text}"
         );
         let map_line = text
