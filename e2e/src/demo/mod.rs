@@ -253,7 +253,10 @@ fn check_mesh(mesh: &Mesh) -> Result<()> {
             Ok(response) => format!("status {}: {}", response.status, response.text()),
             Err(error) => format!("{error:#}"),
         };
-        if Instant::now() > deadline || signal::interrupted() {
+        if signal::interrupted() {
+            bail!("interrupted before the traffic started");
+        }
+        if Instant::now() > deadline {
             bail!(
                 "the mesh does not answer: GET {url}: {last}\nservice logs and access logs: {}",
                 mesh.log_dir.display()

@@ -78,10 +78,10 @@ end-to-end traffic chart, which the traffic driver measured.</p>
         elapsed = record.elapsed.as_secs_f64(),
         outage = match record.outage_start {
             Some(start) => format!(
-                "; {} failed from {:.0} s to {:.0} s",
+                "; {} failed from {} to {}",
                 topology::OUTAGE_SERVICE,
-                start.as_secs_f64(),
-                record.outage_end.unwrap_or(record.elapsed).as_secs_f64()
+                super::summary::seconds(start),
+                super::summary::seconds(record.outage_end.unwrap_or(record.elapsed))
             ),
             None => String::new(),
         },
@@ -102,7 +102,7 @@ end-to-end traffic chart, which the traffic driver measured.</p>
         let unexpected = topology::is_unexpected(source, destination, stats.unexpected);
         let _ = writeln!(
             html,
-            "<tr{}><td>{} <small>team {}</small></td><td>{} <small>team {}</small></td><td class=n>{}</td><td class=n>{:.1}%</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}<br><small>team {}</small></td><td>{}<br><small>team {}</small></td><td class=n>{}</td><td class=n>{:.1}%</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td>{}</td></tr>",
             if unexpected { " class=unexpected" } else { "" },
             escape(source),
             escape(&stats.source_team),
@@ -562,18 +562,17 @@ fn edge_svg(from: (f64, f64), to: (f64, f64), stats: &PairStats, unexpected: boo
     } else {
         ("#555", "arrow", "")
     };
-    let lines = [
+    let mut lines = vec![
         format!(
             "{:.0} req · {:.1}% err",
             stats.requests,
             stats.error_ratio() * 100.0
         ),
-        format!(
-            "p99 {}{}",
-            fmt_ms(stats.quantile(0.99)),
-            if unexpected { " · unexpected" } else { "" }
-        ),
+        format!("p99 {}", fmt_ms(stats.quantile(0.99))),
     ];
+    if unexpected {
+        lines.push("unexpected".to_owned());
+    }
     let (path, label_x, label_y, anchor) = if (from.0 - to.0).abs() < 1.0 {
         // Same column: a curve on the right-hand side, from one box to the other.
         let (x, y0, y1) = (from.0 + NODE_W, from.1 + NODE_H / 2.0, to.1 + NODE_H / 2.0);
