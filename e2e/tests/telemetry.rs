@@ -505,6 +505,8 @@ fn a_callee_that_is_down_counts_as_connection_failures() {
             &[
                 ("reporter", "source"),
                 ("source_service", "frontend"),
+                // The callee never answered: the cluster the caller routed to names it.
+                ("destination_service", "callee"),
                 ("failure", "UF")
             ]
         ),

@@ -295,6 +295,11 @@ pub fn downstream_identity(trust: crate::config::PeerTrust) -> crate::trust::Pee
     PeerIdentity { mtls, spiffe: None }
 }
 
+/// The name of the upstream cluster the request was routed to (`xds.cluster_name`).
+pub fn upstream_cluster() -> Option<Vec<u8>> {
+    property(&["xds", "cluster_name"])
+}
+
 /// What the upstream connection proves: the server certificate's SPIFFE ID, which Envoy has
 /// verified when the cluster's TLS context has a validation context.
 pub fn upstream_identity() -> crate::trust::PeerIdentity {

@@ -3,6 +3,7 @@
 //! the one panic-free wrapper over the proxy-wasm ABI that the filters' thin layers share.
 
 pub mod baggage;
+pub mod cluster;
 pub mod config;
 pub mod header_pairs;
 #[cfg(feature = "host")]

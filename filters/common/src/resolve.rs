@@ -232,11 +232,15 @@ pub struct OutboundResponse {
 }
 
 /// Resolves the destination of an outbound request from the callee sidecar's claims and what
-/// the upstream certificate proves.
+/// the upstream certificate proves; a service or namespace still unknown then comes from the
+/// upstream cluster the request was routed to (`cluster`, read only when needed): the
+/// caller's own routing, which also names a callee that never answered (a connection failure,
+/// a local reply) instead of `unknown`.
 pub fn outbound_response(
     settings: &LabelSettings,
     peer_header: Option<&[u8]>,
     identity: &PeerIdentity,
+    cluster: impl FnOnce() -> Option<Vec<u8>>,
 ) -> OutboundResponse {
     let mut problems = Problems::default();
     let claimed = match peer_header {
@@ -255,8 +259,23 @@ pub fn outbound_response(
         identity,
         settings.trust_domain.as_deref(),
     );
+    let mut destination = decision.labels;
+    if !destination.is_set(crate::Label::Service) || !destination.is_set(crate::Label::Namespace) {
+        if let Some(routed) =
+            cluster().and_then(|name| crate::cluster::destination_from_cluster(&name))
+        {
+            for (label, value) in [
+                (crate::Label::Service, &routed.service),
+                (crate::Label::Namespace, &routed.namespace),
+            ] {
+                if !destination.is_set(label) && value != crate::labels::UNKNOWN {
+                    let _ = destination.set_checked(label, value.as_bytes());
+                }
+            }
+        }
+    }
     OutboundResponse {
-        destination: decision.labels,
+        destination,
         refused: decision.refused,
         problems,
     }
@@ -398,23 +417,65 @@ mod tests {
     fn destination_claims_follow_the_same_trust() {
         let header: &[u8] =
             b"service.name=payments,k8s.namespace.name=shop,service.criticality=critical";
-        let accepted = outbound_response(&settings("mtls"), Some(header), &mtls("shop"));
+        let accepted =
+            outbound_response(&settings("mtls"), Some(header), &mtls("shop"), no_cluster);
         assert_eq!(accepted.destination.get(Label::Service), Some("payments"));
         assert_eq!(
             accepted.destination.get(Label::Criticality),
             Some("critical")
         );
-        let refused = outbound_response(&settings("mtls"), Some(header), &PeerIdentity::default());
+        let refused = outbound_response(
+            &settings("mtls"),
+            Some(header),
+            &PeerIdentity::default(),
+            no_cluster,
+        );
         assert_eq!(refused.refused, Some(Refusal::NoMtls));
         assert!(refused.destination.is_empty());
         let broken = outbound_response(
             &settings("any"),
             Some(b"service.name=%"),
             &PeerIdentity::default(),
+            no_cluster,
         );
         assert_eq!(broken.problems.count(Problem::PeerHeader), 1);
-        let absent = outbound_response(&settings("any"), None, &PeerIdentity::default());
+        let absent =
+            outbound_response(&settings("any"), None, &PeerIdentity::default(), no_cluster);
         assert!(absent.destination.is_empty());
         assert_eq!(absent.refused, None);
+    }
+
+    fn no_cluster() -> Option<Vec<u8>> {
+        None
+    }
+
+    #[test]
+    fn the_routed_cluster_names_a_destination_that_did_not_answer() {
+        let istio = || Some(b"outbound|8080||payments.shop.svc.cluster.local".to_vec());
+        let silent = outbound_response(&settings("mtls"), None, &PeerIdentity::default(), istio);
+        assert_eq!(silent.destination.get(Label::Service), Some("payments"));
+        assert_eq!(silent.destination.get(Label::Namespace), Some("shop"));
+        assert_eq!(silent.destination.get(Label::Team), None);
+        // What the certificate proves wins over the cluster's name; the cluster fills the rest.
+        let proven = outbound_response(&settings("mtls"), None, &mtls("payments-ns"), istio);
+        assert_eq!(
+            proven.destination.get(Label::Namespace),
+            Some("payments-ns")
+        );
+        assert_eq!(proven.destination.get(Label::Service), Some("payments"));
+        // Trusted claims win too, and a plain cluster name gives no namespace.
+        let header: &[u8] = b"service.name=pay-v2,k8s.namespace.name=shop";
+        let claimed = outbound_response(
+            &settings("any"),
+            Some(header),
+            &PeerIdentity::default(),
+            istio,
+        );
+        assert_eq!(claimed.destination.get(Label::Service), Some("pay-v2"));
+        let plain = outbound_response(&settings("any"), None, &PeerIdentity::default(), || {
+            Some(b"payments".to_vec())
+        });
+        assert_eq!(plain.destination.get(Label::Service), Some("payments"));
+        assert_eq!(plain.destination.get(Label::Namespace), None);
     }
 }

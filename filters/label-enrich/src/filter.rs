@@ -320,6 +320,7 @@ impl Stream {
             &self.shared.settings.labels,
             peer_header.as_deref(),
             &identity,
+            host::upstream_cluster,
         );
         self.count_problems(&outcome.problems, "destination input");
         self.count_refusal(Peer::Destination, outcome.refused);

@@ -15,10 +15,12 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Stat
 
 use crate::config::{Mode, Settings};
 use crate::ledger::{self, Decision, SharedStore, StoreError, Trouble};
+use eastwest_common::cluster::{self, Destination};
+
 use crate::request::{
-    self, Attempt, Destination, BUDGET_EXHAUSTED, BUDGET_HEADER, DENIED_BODY, DENIED_GRPC_STATUS,
-    DENIED_STATUS, ENVOY_ATTEMPT_COUNT, ENVOY_MAX_RETRIES, ENVOY_RATELIMITED,
-    GRPC_PREVIOUS_ATTEMPTS, GRPC_RETRY_PUSHBACK,
+    self, Attempt, BUDGET_EXHAUSTED, BUDGET_HEADER, DENIED_BODY, DENIED_GRPC_STATUS, DENIED_STATUS,
+    ENVOY_ATTEMPT_COUNT, ENVOY_MAX_RETRIES, ENVOY_RATELIMITED, GRPC_PREVIOUS_ATTEMPTS,
+    GRPC_RETRY_PUSHBACK,
 };
 use crate::window::{Params, Window};
 
@@ -321,11 +323,11 @@ impl Stream {
     /// The destination of an outbound request: its cluster (Istio's names carry service and
     /// namespace), else its authority.
     fn outbound_destination() -> Destination {
-        host::property(&["xds", "cluster_name"])
-            .and_then(|cluster| request::destination_from_cluster(&cluster))
+        host::upstream_cluster()
+            .and_then(|cluster| cluster::destination_from_cluster(&cluster))
             .or_else(|| {
                 request_header(":authority")
-                    .and_then(|authority| request::destination_from_host(&authority))
+                    .and_then(|authority| cluster::destination_from_host(&authority))
             })
             .unwrap_or_else(|| Destination {
                 service: UNKNOWN.to_string(),

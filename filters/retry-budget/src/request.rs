@@ -1,5 +1,5 @@
-//! What the filter reads from a request: whether it is a retry, and which destination's budget
-//! it draws on. Pure functions over header and property bytes.
+//! What the filter reads from a request: whether it is a retry, and the names of its answers.
+//! Pure functions over header bytes. The destination comes from `eastwest_common::cluster`.
 
 /// Envoy's attempt counter (1 for the first attempt), sent upstream when the route or virtual
 /// host sets `include_request_attempt_count`; Istio sets it on its outbound routes.
@@ -22,8 +22,6 @@ pub const DENIED_STATUS: u32 = 503;
 /// gRPC UNAVAILABLE, for gRPC requests shed by the budget.
 pub const DENIED_GRPC_STATUS: i32 = 14;
 pub const DENIED_BODY: &str = "retry budget exhausted\n";
-/// Longest destination or service name used as a budget key; longer ones are malformed.
-const MAX_NAME_BYTES: usize = 253;
 
 /// Whether a request is a first attempt or a retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,65 +76,6 @@ pub fn attempt(
     (attempt, bad)
 }
 
-/// The destination a caller's budget is kept for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Destination {
-    pub service: String,
-    /// Known when the cluster name says it (Istio); else `unknown`.
-    pub namespace: String,
-}
-
-fn valid_name(bytes: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let ok = !text.is_empty()
-        && text.len() <= MAX_NAME_BYTES
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'~'));
-    ok.then_some(text)
-}
-
-/// The destination service of an upstream cluster: Istio names outbound clusters
-/// `outbound|<port>|<subset>|<service>.<namespace>.svc.<domain>`; any other cluster name is
-/// taken as the service itself. `None` when the name is not usable as a label.
-pub fn destination_from_cluster(cluster: &[u8]) -> Option<Destination> {
-    let name = valid_name(cluster).or_else(|| {
-        // Istio's names contain `|`, which valid_name refuses on purpose for plain names.
-        let text = std::str::from_utf8(cluster).ok()?;
-        text.starts_with("outbound|").then_some(text)
-    })?;
-    if let Some(rest) = name.strip_prefix("outbound|") {
-        let host = rest.rsplit('|').next()?;
-        return destination_from_host(host.as_bytes());
-    }
-    Some(Destination {
-        service: name.to_string(),
-        namespace: eastwest_common::labels::UNKNOWN.to_string(),
-    })
-}
-
-/// The destination service of a host name (`:authority` without the port, or the host of an
-/// Istio cluster): `<service>.<namespace>.svc...` gives both, any other host is the service.
-pub fn destination_from_host(authority: &[u8]) -> Option<Destination> {
-    let host = valid_name(authority)?;
-    let host = match host.rsplit_once(':') {
-        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    };
-    let mut labels = host.split('.');
-    let first = labels.next().filter(|label| !label.is_empty())?;
-    let second = labels.next();
-    let third = labels.next();
-    let (service, namespace) = match (second, third) {
-        (Some(namespace), Some("svc")) if !namespace.is_empty() => (first, namespace),
-        _ => (host, eastwest_common::labels::UNKNOWN),
-    };
-    Some(Destination {
-        service: service.to_string(),
-        namespace: namespace.to_string(),
-    })
-}
-
 /// The shared-data key of a budget: one per mode and destination (or calling service).
 pub fn budget_key(mode: &str, subject: &str) -> String {
     format!("eastwest.retry_budget.v1/{mode}/{subject}")
@@ -178,53 +117,6 @@ mod tests {
             attempt(Some(b"3"), Some(b"x")),
             (Attempt::Retry(2), Some(BadAttemptHeader))
         );
-    }
-
-    #[test]
-    fn destinations_from_istio_and_plain_cluster_names() {
-        assert_eq!(
-            destination_from_cluster(b"outbound|8080||payments.shop.svc.cluster.local"),
-            Some(Destination {
-                service: "payments".into(),
-                namespace: "shop".into()
-            })
-        );
-        assert_eq!(
-            destination_from_cluster(b"outbound|443|v2|api.example.com"),
-            Some(Destination {
-                service: "api.example.com".into(),
-                namespace: "unknown".into()
-            })
-        );
-        assert_eq!(
-            destination_from_cluster(b"payments"),
-            Some(Destination {
-                service: "payments".into(),
-                namespace: "unknown".into()
-            })
-        );
-        assert_eq!(destination_from_cluster(b""), None);
-        assert_eq!(destination_from_cluster(b"pay ments"), None);
-        assert_eq!(destination_from_cluster(b"a|b"), None);
-        assert_eq!(destination_from_cluster(b"\xffpay"), None);
-        assert_eq!(destination_from_cluster(&[b'a'; 300]), None);
-    }
-
-    #[test]
-    fn destinations_from_authorities() {
-        assert_eq!(
-            destination_from_host(b"checkout.shop.svc.cluster.local:8080"),
-            Some(Destination {
-                service: "checkout".into(),
-                namespace: "shop".into()
-            })
-        );
-        assert_eq!(
-            destination_from_host(b"checkout:8080").map(|d| d.service),
-            Some("checkout".into())
-        );
-        assert_eq!(destination_from_host(b":8080"), None);
-        assert_eq!(destination_from_host(b"evil/../x"), None);
     }
 
     #[test]

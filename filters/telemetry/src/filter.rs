@@ -292,6 +292,7 @@ impl Stream {
                         &shared.settings.labels,
                         header.as_deref(),
                         &host::upstream_identity(),
+                        host::upstream_cluster,
                     );
                     shared.count_problems(&outcome.problems);
                     outcome.destination
