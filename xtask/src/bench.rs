@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: load-tests every filter inside real Envoy with `eastwest-bench`, then
 //! prints the harness's figures (`eastwest-harness bench`).
 
-use crate::error::{bail, Result};
+use crate::error::Result;
 use crate::process::Cmd;
 use crate::tools::ensure_tool;
 use crate::workspace::Workspace;
@@ -25,16 +25,7 @@ compiles wasmtime in release (several minutes on two cores).
 
 /// The arguments for `eastwest-bench`, or `None` when help was asked for.
 pub fn parse_args(args: &[String]) -> Result<Option<Vec<String>>> {
-    match args.split_first() {
-        None => Ok(Some(Vec::new())),
-        Some((first, rest)) if first == "--" => Ok(Some(rest.to_vec())),
-        Some((first, _)) if first == "-h" || first == "--help" => Ok(None),
-        Some(_) => bail!(
-            "`cargo xtask bench` takes eastwest-bench's options after `--`, as in \
-             `cargo xtask bench -- {}`\n\n{HELP}",
-            args.join(" ")
-        ),
-    }
+    crate::process::passthrough_args("bench", "eastwest-bench", args, HELP)
 }
 
 pub fn bench(ws: &Workspace, bench_args: &[String]) -> Result<()> {

@@ -126,6 +126,26 @@ fn quote(word: &str) -> String {
 }
 
 /// The executable `name` as the shell would find it on PATH.
+/// The options a command hands on to a binary: everything after `--`, or `None` when help was
+/// asked for (`-h`, `--help`). Anything else is refused with the command's help.
+pub fn passthrough_args(
+    command: &str,
+    binary: &str,
+    args: &[String],
+    help: &str,
+) -> Result<Option<Vec<String>>> {
+    match args.split_first() {
+        None => Ok(Some(Vec::new())),
+        Some((first, rest)) if first == "--" => Ok(Some(rest.to_vec())),
+        Some((first, _)) if first == "-h" || first == "--help" => Ok(None),
+        Some(_) => bail!(
+            "`cargo xtask {command}` takes {binary}'s options after `--`, as in \
+             `cargo xtask {command} -- {}`\n\n{help}",
+            args.join(" ")
+        ),
+    }
+}
+
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -1,7 +1,7 @@
 //! `cargo xtask retry-storm`: the retry-storm experiment (docs/filters/retry-budget.md) in real
 //! Envoy, with `eastwest-retry-storm`.
 
-use crate::error::{bail, Result};
+use crate::error::Result;
 use crate::process::Cmd;
 use crate::workspace::Workspace;
 use crate::{build, envoy};
@@ -23,16 +23,7 @@ Options after `--`: --rate <requests per second> (default 200), --outage <second
 
 /// The arguments for `eastwest-retry-storm`, or `None` when help was asked for.
 pub fn parse_args(args: &[String]) -> Result<Option<Vec<String>>> {
-    match args.split_first() {
-        None => Ok(Some(Vec::new())),
-        Some((first, rest)) if first == "--" => Ok(Some(rest.to_vec())),
-        Some((first, _)) if first == "-h" || first == "--help" => Ok(None),
-        Some(_) => bail!(
-            "`cargo xtask retry-storm` takes eastwest-retry-storm's options after `--`, as in \
-             `cargo xtask retry-storm -- {}`\n\n{HELP}",
-            args.join(" ")
-        ),
-    }
+    crate::process::passthrough_args("retry-storm", "eastwest-retry-storm", args, HELP)
 }
 
 pub fn retry_storm(ws: &Workspace, storm_args: &[String]) -> Result<()> {
