@@ -544,6 +544,36 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Runs `envoy --mode validate -c <config>` in `working_dir` (where relative paths in the
+/// config, such as `dist/<filter>.wasm`, resolve): Envoy builds every listener, cluster and
+/// filter, running the Wasm filters' `on_configure`, without serving traffic. Returns whether
+/// it accepted the config, and its output.
+pub fn validate_config(envoy: &Path, config: &Path, working_dir: &Path) -> (bool, String) {
+    let output = Command::new(envoy)
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+            "-c",
+        ])
+        .arg(config)
+        .current_dir(working_dir)
+        .output();
+    match output {
+        Ok(output) => (
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        ),
+        Err(error) => (false, format!("cannot run {}: {error}", envoy.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -275,17 +275,7 @@ fn every_mounted_envoy_config_validates_on_the_oldest_and_the_newest_envoy() {
         let local_config = root.path().join("validate.yaml");
         std::fs::write(&local_config, &text).unwrap();
         for (version, envoy) in &envoys {
-            let (ok, log) = run(Command::new(envoy)
-                .args([
-                    "--mode",
-                    "validate",
-                    "--disable-hot-restart",
-                    "-l",
-                    "warning",
-                    "-c",
-                ])
-                .arg(&local_config)
-                .current_dir(root.path()));
+            let (ok, log) = eastwest_e2e::envoy::validate_config(envoy, &local_config, root.path());
             assert!(
                 ok,
                 "{name}'s {} does not validate on Envoy {version}:\n{log}",

@@ -23,7 +23,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use eastwest_e2e::{dist_wasm, envoy_binary, envoy_oldest_binary, workspace_root};
 use eastwest_harness::{Harness, Options};
@@ -914,27 +913,8 @@ fn validate_in_envoy(envoy: &Path, bootstrap: &Value, name: &str) -> (bool, Stri
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(bootstrap).unwrap()).unwrap();
-    let output = Command::new(envoy)
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "warning",
-            "-c",
-        ])
-        .arg(&path)
-        .output()
-        .expect("run envoy --mode validate");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (
-        output.status.success(),
-        format!("{}:\n{log}", path.display()),
-    )
+    let (ok, log) = eastwest_e2e::envoy::validate_config(envoy, &path, &workspace_root());
+    (ok, format!("{}:\n{log}", path.display()))
 }
 
 fn cluster_patches(docs: &[Doc]) -> Vec<(String, Value)> {

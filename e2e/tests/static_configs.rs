@@ -44,29 +44,10 @@ fn require_filters() {
     }
 }
 
-/// `envoy --mode validate` builds every listener, cluster and filter (and runs the Wasm
-/// filters' `on_configure`) without serving traffic. The working directory is the repository
-/// root, as the configs' comments say, so `dist/<filter>.wasm` resolves.
+/// `envoy --mode validate` from the repository root, as the configs' comments say, so that
+/// `dist/<filter>.wasm` resolves.
 fn validate(envoy: &Path, config: &Path) -> (bool, String) {
-    let output = Command::new(envoy)
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "warning",
-            "-c",
-        ])
-        .arg(config)
-        .current_dir(workspace_root())
-        .output()
-        .expect("run envoy --mode validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    eastwest_e2e::envoy::validate_config(envoy, config, &workspace_root())
 }
 
 /// The YAML files under `dir`, recursively, relative to it.
