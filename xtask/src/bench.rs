@@ -36,18 +36,7 @@ pub fn bench(ws: &Workspace, bench_args: &[String]) -> Result<()> {
         "wrk",
         "to generate the HTTP load for `cargo xtask bench`",
     )?;
-    let mut cargo = Cmd::cargo()
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "eastwest-e2e",
-            "--bin",
-            "eastwest-bench",
-            "--",
-        ])
-        .env(envoy::ENVOY_ENV_VAR, &envoy)
-        .current_dir(&ws.root);
+    let mut cargo = envoy::e2e_release_binary(ws, "eastwest-bench", &envoy);
     for module in &modules {
         let relative = module.path.strip_prefix(&ws.root).unwrap_or(&module.path);
         cargo = cargo
@@ -68,10 +57,7 @@ pub fn bench(ws: &Workspace, bench_args: &[String]) -> Result<()> {
             "--modules",
             "dist",
         ])
-        .env(
-            "EASTWEST_HARNESS_CACHE",
-            ws.root.join("target").join("eastwest-harness-cache"),
-        )
+        .env("EASTWEST_HARNESS_CACHE", crate::test::harness_cache(ws))
         .current_dir(&ws.root)
         .run()
 }

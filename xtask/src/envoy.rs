@@ -27,6 +27,23 @@ pub const ENVOY_OLDEST_ENV_VAR: &str = "EASTWEST_ENVOY_OLDEST";
 /// The Envoy to use: `$EASTWEST_ENVOY` if set, else the pinned one under `.eastwest/envoy`,
 /// installed there first if needed. `needed_for` completes "Envoy is needed ...", e.g. "for
 /// the end-to-end tests". Returns an absolute path.
+/// `cargo run --release -p eastwest-e2e --bin <binary> --` from the workspace root, with
+/// `EASTWEST_ENVOY` set to `envoy`; the caller appends the binary's arguments.
+pub fn e2e_release_binary(ws: &Workspace, binary: &str, envoy: &Path) -> Cmd {
+    Cmd::cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "eastwest-e2e",
+            "--bin",
+            binary,
+            "--",
+        ])
+        .env(ENVOY_ENV_VAR, envoy)
+        .current_dir(&ws.root)
+}
+
 pub fn provision(ws: &Workspace, needed_for: &str) -> Result<PathBuf> {
     match std::env::var_os(ENVOY_ENV_VAR).filter(|v| !v.is_empty()) {
         Some(supplied) => use_supplied_envoy(ENVOY_ENV_VAR, ENVOY_VERSION, supplied),

@@ -2,7 +2,6 @@
 //! Envoy, with `eastwest-retry-storm`.
 
 use crate::error::Result;
-use crate::process::Cmd;
 use crate::workspace::Workspace;
 use crate::{build, envoy};
 
@@ -29,19 +28,8 @@ pub fn parse_args(args: &[String]) -> Result<Option<Vec<String>>> {
 pub fn retry_storm(ws: &Workspace, storm_args: &[String]) -> Result<()> {
     build::build(ws)?;
     let envoy = envoy::provision(ws, "to run the retry-storm experiment")?;
-    Cmd::cargo()
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "eastwest-e2e",
-            "--bin",
-            "eastwest-retry-storm",
-            "--",
-        ])
+    envoy::e2e_release_binary(ws, "eastwest-retry-storm", &envoy)
         .args(storm_args)
-        .env(envoy::ENVOY_ENV_VAR, &envoy)
-        .current_dir(&ws.root)
         .run()
 }
 

@@ -210,7 +210,7 @@ fn wasm_build(ws: &Workspace) -> Result<Outcome> {
 
 /// Where the harness keeps compiled modules: inside the checkout, so that CI caches nothing
 /// a fresh machine would lack.
-fn harness_cache(ws: &Workspace) -> std::path::PathBuf {
+pub fn harness_cache(ws: &Workspace) -> std::path::PathBuf {
     ws.root.join("target").join("eastwest-harness-cache")
 }
 
