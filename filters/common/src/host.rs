@@ -338,6 +338,44 @@ pub fn own_labels(settings: &crate::resolve::LabelSettings) -> Option<OwnLabels>
     Some(own)
 }
 
+/// This workload's labels as a filter keeps them: resolved when the filter is configured, and
+/// again on a later request while the host does not expose the node yet.
+pub struct OwnLabelsCell {
+    labels: std::cell::RefCell<crate::labels::Labels>,
+    pending: std::cell::Cell<bool>,
+}
+
+impl OwnLabelsCell {
+    /// Starts from the configured `local` labels; resolve with [`OwnLabelsCell::refresh`].
+    pub fn new(settings: &crate::resolve::LabelSettings) -> OwnLabelsCell {
+        OwnLabelsCell {
+            labels: std::cell::RefCell::new(settings.local.clone()),
+            pending: std::cell::Cell::new(true),
+        }
+    }
+
+    /// Resolves the labels from the node if that has not happened yet; `on_resolved` sees what
+    /// the node held (to count and log invalid values) when it happens.
+    pub fn refresh(
+        &self,
+        settings: &crate::resolve::LabelSettings,
+        on_resolved: impl FnOnce(&OwnLabels),
+    ) {
+        if !self.pending.get() {
+            return;
+        }
+        if let Some(own) = own_labels(settings) {
+            on_resolved(&own);
+            *self.labels.borrow_mut() = own.labels;
+            self.pending.set(false);
+        }
+    }
+
+    pub fn get(&self) -> std::cell::Ref<'_, crate::labels::Labels> {
+        self.labels.borrow()
+    }
+}
+
 /// Logs `eastwest-<filter>: <message>` (the prefix every eastwest log line carries).
 pub fn log(filter: &str, level: proxy_wasm::types::LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, &format!("eastwest-{filter}: {message}"));

@@ -2,7 +2,7 @@
 //! (kept in shared data, see `ledger`), and enforces its answer as the configured mode says.
 //! Whatever goes wrong on the filter's side lets the request through and is counted.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -107,8 +107,7 @@ struct Shared {
     settings: Settings,
     budgets: RefCell<HashMap<String, Budget>>,
     fail_open: Vec<Option<u32>>,
-    own: RefCell<Labels>,
-    node_pending: Cell<bool>,
+    own: host::OwnLabelsCell,
 }
 
 impl Shared {
@@ -118,19 +117,9 @@ impl Shared {
         }
     }
 
-    fn resolve_own(&self) -> bool {
-        let Some(own) = host::own_labels(&self.settings.labels) else {
-            return false;
-        };
-        *self.own.borrow_mut() = own.labels;
-        true
-    }
-
     fn own_labels(&self) -> std::cell::Ref<'_, Labels> {
-        if self.node_pending.get() && self.resolve_own() {
-            self.node_pending.set(false);
-        }
-        self.own.borrow()
+        self.own.refresh(&self.settings.labels, |_| {});
+        self.own.get()
     }
 
     /// Runs `action` on the budget for `subject` (a destination service, or a calling service
@@ -219,14 +208,12 @@ impl RootContext for Root {
             .collect();
         let period = settings.publish_period_millis() as u32;
         let shared = Shared {
-            own: RefCell::new(settings.labels.local.clone()),
+            own: host::OwnLabelsCell::new(&settings.labels),
             settings,
             budgets: RefCell::new(HashMap::new()),
             fail_open,
-            node_pending: Cell::new(false),
         };
-        let resolved = shared.resolve_own();
-        shared.node_pending.set(!resolved);
+        shared.own.refresh(&shared.settings.labels, |_| {});
         if host::set_tick_period(period).is_err() {
             log(
                 LogLevel::Warn,

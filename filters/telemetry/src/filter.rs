@@ -50,8 +50,7 @@ struct Shared {
     overflow: Vec<Option<u32>>,
     /// `eastwest_telemetry_malformed_total{reason}` ids, in the order of `Problem::ALL`.
     malformed: Vec<Option<u32>>,
-    own: RefCell<Labels>,
-    node_pending: Cell<bool>,
+    own: host::OwnLabelsCell,
     warned_direction: Cell<bool>,
     warned_pairs: RefCell<HashSet<(String, String)>>,
 }
@@ -69,22 +68,20 @@ impl Shared {
         }
     }
 
-    fn resolve_own(&self) -> bool {
-        let Some(own) = host::own_labels(&self.settings.labels) else {
-            return false;
-        };
-        if own.invalid_values > 0 || own.undecodable.is_some() {
-            self.count(
-                Problem::NodeMetadata,
-                own.invalid_values + u32::from(own.undecodable.is_some()),
-            );
-            log(
-                LogLevel::Warn,
-                "node metadata holds invalid or undecodable labels; they are ignored",
-            );
-        }
-        *self.own.borrow_mut() = own.labels;
-        true
+    /// Resolves this workload's labels from the node, once the host exposes it.
+    fn refresh_own(&self) {
+        self.own.refresh(&self.settings.labels, |own| {
+            if own.invalid_values > 0 || own.undecodable.is_some() {
+                self.count(
+                    Problem::NodeMetadata,
+                    own.invalid_values + u32::from(own.undecodable.is_some()),
+                );
+                log(
+                    LogLevel::Warn,
+                    "node metadata holds invalid or undecodable labels; they are ignored",
+                );
+            }
+        });
     }
 
     /// The series of `metric` for these tag values (defining it on first use), counting an
@@ -152,14 +149,12 @@ impl RootContext for Root {
                     ))
                 })
                 .collect(),
-            own: RefCell::new(settings.labels.local.clone()),
+            own: host::OwnLabelsCell::new(&settings.labels),
             settings,
-            node_pending: Cell::new(false),
             warned_direction: Cell::new(false),
             warned_pairs: RefCell::new(HashSet::new()),
         };
-        let resolved = shared.resolve_own();
-        shared.node_pending.set(!resolved);
+        shared.refresh_own();
         self.shared = Some(Rc::new(shared));
         true
     }
@@ -198,9 +193,7 @@ fn int_property(path: &[&str]) -> Option<i64> {
 impl Stream {
     fn report(&self) {
         let shared = &self.shared;
-        if shared.node_pending.get() && shared.resolve_own() {
-            shared.node_pending.set(false);
-        }
+        shared.refresh_own();
         let Some(direction) = shared.settings.direction.or_else(host::listener_direction) else {
             shared.count(Problem::DirectionUnknown, 1);
             if !shared.warned_direction.replace(true) {
@@ -280,7 +273,7 @@ impl Stream {
     fn ends(&self, reporter: Reporter) -> (Labels, Labels) {
         let shared = &self.shared;
         let state = |key: &str| host::property(&[key]).map(|value| labels_from_state(&value));
-        let own = || shared.own.borrow().clone();
+        let own = || shared.own.get().clone();
         match reporter {
             Reporter::Source => {
                 let source = state(SOURCE_STATE_KEY).unwrap_or_else(own);
