@@ -12,7 +12,9 @@ pub const HELP: &str = "\
 cargo xtask build
 
 Builds every filter under filters/ (crate eastwest-<name>) for wasm32-unknown-unknown in
-release, in one cargo invocation, copies each module to dist/<name>.wasm and prints the sizes.
+release, copies each module to dist/<name>.wasm (the sidecar, all three features in one
+module, to dist/eastwest.wasm) and prints the sizes. The separate modules build in one cargo
+invocation, the sidecar in a second one (it links them with their `embedded` feature).
 Then builds the harness's SDK example filters (harness/sdk-filters/<name>/, package
 sdk-<name>) for their target (wasm32-unknown-unknown, or wasm32-wasip1 when the manifest says
 `[package.metadata.sdk-filter] target = \"wasm32-wasip1\"`) into target/sdk-filters/<name>.wasm:
@@ -93,13 +95,25 @@ pub fn build_wasm_modules(ws: &Workspace) -> Result<Vec<BuiltModule>> {
     }
     ensure_rust_target(WASM_TARGET)?;
 
-    let mut cargo = Cmd::cargo()
-        .args(["build", "--release", "--target", WASM_TARGET])
-        .current_dir(&ws.root);
-    for filter in &filters {
-        cargo = cargo.args(["-p", &filter.package]);
+    // The separate modules in one cargo invocation; a module that embeds them (the sidecar)
+    // in its own, so that their `embedded` feature does not reach the separate modules.
+    for embeds_filters in [false, true] {
+        let packages: Vec<&str> = filters
+            .iter()
+            .filter(|filter| filter.embeds_filters == embeds_filters)
+            .map(|filter| filter.package.as_str())
+            .collect();
+        if packages.is_empty() {
+            continue;
+        }
+        let mut cargo = Cmd::cargo()
+            .args(["build", "--release", "--target", WASM_TARGET])
+            .current_dir(&ws.root);
+        for package in packages {
+            cargo = cargo.args(["-p", package]);
+        }
+        cargo.run()?;
     }
-    cargo.run()?;
 
     let dist = ws.dist_dir();
     fs::create_dir_all(&dist).context(format!("creating {}", dist.display()))?;
@@ -126,7 +140,7 @@ pub fn build_wasm_modules(ws: &Workspace) -> Result<Vec<BuiltModule>> {
             .context(format!("reading {}", path.display()))?
             .len();
         modules.push(BuiltModule {
-            filter_name: filter.name.clone(),
+            filter_name: filter.module.clone(),
             path,
             size_bytes,
         });

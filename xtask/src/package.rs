@@ -144,7 +144,7 @@ pub fn package(ws: &Workspace, options: &Options) -> Result<Vec<Packaged>> {
             .iter()
             .map(|filter| {
                 (
-                    filter.name.clone(),
+                    filter.module.clone(),
                     ws.dist_dir().join(filter.dist_file_name()),
                 )
             })
@@ -397,7 +397,7 @@ mod tests {
                 let wasm = fs::read(&path).unwrap_or_else(|e| {
                     panic!("{}: {e} (run `cargo xtask build`)", path.display())
                 });
-                (filter.name.clone(), wasm)
+                (filter.module.clone(), wasm)
             })
             .collect()
     }

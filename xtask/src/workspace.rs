@@ -16,11 +16,18 @@ pub struct Workspace {
     pub root: PathBuf,
 }
 
-/// A filter crate: `filters/<name>/`, package `eastwest-<name>`, module `dist/<name>.wasm`.
+/// A filter crate: `filters/<name>/`, package `eastwest-<name>`, module `dist/<module>.wasm`
+/// (`module` is `<name>` unless the manifest says `[package.metadata.eastwest] module = "..."`,
+/// as the sidecar's does: `dist/eastwest.wasm`).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Filter {
     pub name: String,
     pub package: String,
+    pub module: String,
+    /// It links other filters with their `embedded` feature (the one-module sidecar), so it is
+    /// built in a cargo invocation of its own: in the same one, feature unification would take
+    /// the entry point out of the separate modules.
+    pub embeds_filters: bool,
 }
 
 /// A small filter written the way proxy-wasm SDK users write them, used only to test the
@@ -118,7 +125,7 @@ impl Filter {
     }
 
     pub fn dist_file_name(&self) -> String {
-        format!("{}.wasm", self.name)
+        format!("{}.wasm", self.module)
     }
 }
 
@@ -150,7 +157,13 @@ pub fn discover_filters(filters_dir: &Path) -> Result<Vec<Filter>> {
         }
         let expected = format!("eastwest-{name}");
         match package_name(&manifest) {
-            Some(package) if package == expected => filters.push(Filter { name, package }),
+            Some(package) if package == expected => filters.push(Filter {
+                module: table_value(&manifest, "[package.metadata.eastwest]", "module")
+                    .unwrap_or_else(|| name.clone()),
+                embeds_filters: manifest.contains(r#"features = ["embedded"]"#),
+                name,
+                package,
+            }),
             found => bail!(
                 "{} names the package {:?}, but a filter in filters/{name}/ must be named \
                  {expected:?} (docs: DESIGN.md, section 2): rename the package or the directory",
@@ -328,6 +341,10 @@ version = "0.2.100"
             "common/Cargo.toml",
             "[package]\nname = \"eastwest-common\"\n[dev-dependencies]\nwasm-bindgen-test = \"0.3\"\n",
         );
+        dir.write(
+            "sidecar/Cargo.toml",
+            "[package]\nname = \"eastwest-sidecar\"\n[package.metadata.eastwest]\nmodule = \"eastwest\"\n[dependencies]\neastwest-label-enrich = { path = \"../label-enrich\", features = [\"embedded\"] }\n",
+        );
         dir.write("telemetry/README.md", "not a crate yet\n");
         dir.write("notes.txt", "a file, not a directory\n");
 
@@ -337,14 +354,25 @@ version = "0.2.100"
             vec![
                 Filter {
                     name: "label-enrich".into(),
-                    package: "eastwest-label-enrich".into()
+                    package: "eastwest-label-enrich".into(),
+                    module: "label-enrich".into(),
+                    embeds_filters: false,
                 },
                 Filter {
                     name: "retry-budget".into(),
-                    package: "eastwest-retry-budget".into()
+                    package: "eastwest-retry-budget".into(),
+                    module: "retry-budget".into(),
+                    embeds_filters: false,
+                },
+                Filter {
+                    name: "sidecar".into(),
+                    package: "eastwest-sidecar".into(),
+                    module: "eastwest".into(),
+                    embeds_filters: true,
                 },
             ]
         );
+        assert_eq!(filters[2].dist_file_name(), "eastwest.wasm");
         assert_eq!(
             filters[1].artifact_file_name(),
             "eastwest_retry_budget.wasm"

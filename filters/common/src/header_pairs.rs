@@ -49,6 +49,39 @@ pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     out
 }
 
+/// The values of every header called `name` (ASCII case ignored), in order, read straight
+/// from the encoded map without decoding the other pairs; `None` when the buffer is
+/// inconsistent with its own sizes.
+pub fn values_in<'a>(bytes: &'a [u8], name: &str) -> Option<Vec<&'a [u8]>> {
+    let mut values = Vec::new();
+    if bytes.is_empty() {
+        return Some(values);
+    }
+    let read_u32 = |offset: usize| -> Option<usize> {
+        let word = bytes.get(offset..offset.checked_add(4)?)?;
+        Some(u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize)
+    };
+    let count = read_u32(0)?;
+    let mut data = count.checked_mul(8)?.checked_add(4)?;
+    if data > bytes.len() {
+        return None;
+    }
+    for index in 0..count {
+        let key_size = read_u32(4 + index * 8)?;
+        let value_size = read_u32(8 + index * 8)?;
+        let key_end = data.checked_add(key_size)?;
+        let value_start = key_end.checked_add(1)?;
+        let value_end = value_start.checked_add(value_size)?;
+        let key = bytes.get(data..key_end)?;
+        let value = bytes.get(value_start..value_end)?;
+        if key.eq_ignore_ascii_case(name.as_bytes()) {
+            values.push(value);
+        }
+        data = value_end.checked_add(1)?;
+    }
+    Some(values)
+}
+
 /// The values of every header called `name` (compared without regard to ASCII case), in order.
 pub fn values_of<'a>(pairs: &[(&'a [u8], &'a [u8])], name: &str) -> Vec<&'a [u8]> {
     pairs
@@ -76,6 +109,11 @@ mod tests {
         assert_eq!(decoded, pairs);
         assert_eq!(values_of(&decoded, "baggage"), vec![&b"a=1"[..], &b""[..]]);
         assert_eq!(decode(&[]).unwrap(), vec![]);
+        assert_eq!(
+            values_in(&encoded, "baggage").unwrap(),
+            vec![&b"a=1"[..], &b""[..]]
+        );
+        assert_eq!(values_in(&[], "baggage").unwrap(), Vec::<&[u8]>::new());
     }
 
     #[test]
@@ -89,5 +127,18 @@ mod tests {
         huge_size[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&huge_size).is_none());
         assert!(decode(&[1, 0]).is_none());
+        assert!(values_in(&[1, 0], "k").is_none());
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    proptest::proptest! {
+        #[test]
+        fn values_in_agrees_with_decode(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let expected = decode(&bytes).map(|pairs| values_of(&pairs, "k"));
+            let scanned = values_in(&bytes, "k");
+            if let Some(expected) = expected {
+                proptest::prop_assert_eq!(scanned, Some(expected));
+            }
+        }
     }
 }

@@ -33,6 +33,12 @@ extern "C" {
         key_data: *const u8,
         key_size: usize,
     ) -> Status;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_data: *mut *mut u8,
+        return_size: *mut usize,
+    ) -> Status;
     fn proxy_set_property(
         path_data: *const u8,
         path_size: usize,
@@ -92,15 +98,22 @@ pub fn header_map_bytes(map: MapType) -> Result<Vec<u8>, Status> {
     }
 }
 
-/// Every value of header `name` in `map`, in order (Envoy's single-value call returns only the
-/// first, which would let a second forged header through).
-pub fn header_values(map: MapType, name: &str) -> Result<Vec<Vec<u8>>, Status> {
-    let bytes = header_map_bytes(map)?;
-    let pairs = header_pairs::decode(&bytes).ok_or(Status::SerializationFailure)?;
-    Ok(header_pairs::values_of(&pairs, name)
-        .into_iter()
-        .map(<[u8]>::to_vec)
-        .collect())
+/// A header map as the host encodes it, fetched once; read the values of any header from it.
+#[derive(Default)]
+pub struct HeaderMap(Vec<u8>);
+
+impl HeaderMap {
+    /// Every value of header `name`, in order (Envoy's single-value call returns only the
+    /// first, which would let a second forged header through); `None` when the encoding is
+    /// inconsistent.
+    pub fn values(&self, name: &str) -> Option<Vec<&[u8]>> {
+        header_pairs::values_in(&self.0, name)
+    }
+}
+
+/// The whole header map, to read several values of a header from.
+pub fn header_map(map: MapType) -> Result<HeaderMap, Status> {
+    header_map_bytes(map).map(HeaderMap)
 }
 
 /// Writes filter state (`wasm.<key>` in Envoy) and reports a refusal instead of panicking.
@@ -220,94 +233,328 @@ pub fn set_tick_period(millis: u32) -> Result<(), Status> {
     }
 }
 
-/// The calling service's labels on an inbound sidecar: what label-enrich published in filter
-/// state when it ran first, else resolved here from the request's claims with the same trust
-/// rules. The problems found while resolving are returned for the caller to count.
-pub fn inbound_source(
-    settings: &crate::resolve::LabelSettings,
-) -> (crate::labels::Labels, crate::resolve::Problems) {
-    if let Some(state) = property(&[crate::resolve::SOURCE_STATE_KEY]) {
-        return (
-            crate::resolve::labels_from_state(&state),
-            crate::resolve::Problems::default(),
-        );
-    }
-    let baggage = header_values(MapType::HttpRequestHeaders, "baggage").unwrap_or_default();
-    let slices: Vec<&[u8]> = baggage.iter().map(Vec::as_slice).collect();
-    let peer_metadata = header_value(
-        MapType::HttpRequestHeaders,
-        crate::peer::ISTIO_PEER_METADATA_HEADER,
-    )
-    .ok()
-    .flatten();
-    let outcome = crate::resolve::inbound_request(
-        settings,
-        &slices,
-        peer_metadata.as_deref(),
-        &downstream_identity(settings.peer_trust),
-    );
-    (outcome.source, outcome.problems)
+/// Property paths as the host reads them (segments separated by NUL), encoded once.
+pub mod paths {
+    pub const XDS_NODE: &[u8] = b"xds\0node";
+    pub const NODE: &[u8] = b"node";
+    pub const XDS_LISTENER_DIRECTION: &[u8] = b"xds\0listener_direction";
+    pub const LISTENER_DIRECTION: &[u8] = b"listener_direction";
+    pub const XDS_CLUSTER_NAME: &[u8] = b"xds\0cluster_name";
+    pub const CONNECTION_URI_SAN: &[u8] = b"connection\0uri_san_peer_certificate";
+    pub const CONNECTION_MTLS: &[u8] = b"connection\0mtls";
+    pub const UPSTREAM_URI_SAN: &[u8] = b"upstream\0uri_san_peer_certificate";
+    pub const RESPONSE_CODE: &[u8] = b"response\0code";
+    pub const RESPONSE_FLAGS: &[u8] = b"response\0flags";
+    pub const RESPONSE_GRPC_STATUS: &[u8] = b"response\0grpc_status";
+    pub const REQUEST_DURATION: &[u8] = b"request\0duration";
+    pub const UPSTREAM_ATTEMPTS: &[u8] = b"upstream\0request_attempt_count";
 }
 
-/// A property's raw value; `None` when absent or when the host refuses.
+/// A property's raw value at an encoded path ([`paths`]); `None` when absent or refused.
+pub fn property_at(path: &[u8]) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and size it allocated through our allocator.
+    match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+        Status::Ok => Some(unsafe { take_host_buffer(data, size) }),
+        _ => None,
+    }
+}
+
+/// An `int64` property ([`crate::properties::decode_int64`]).
+pub fn int_property(path: &[u8]) -> Option<i64> {
+    property_at(path).and_then(|value| crate::properties::decode_int64(&value))
+}
+
+/// A property's raw value (the path as segments); `None` when absent or when the host refuses.
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    proxy_wasm::hostcalls::get_property(path.to_vec())
-        .ok()
-        .flatten()
+    property_at(path.join("\0").as_bytes())
 }
 
 /// The first of several property paths that exists (newer Envoy names first).
-fn property_any(paths: &[&[&str]]) -> Option<Vec<u8>> {
-    paths.iter().find_map(|path| property(path))
+fn property_any(paths: &[&[u8]]) -> Option<Vec<u8>> {
+    paths.iter().find_map(|path| property_at(path))
 }
 
 /// The serialized `Node` Envoy runs as: `xds.node`, or `node` on Envoy before the `xds`
 /// attributes; `None` when neither is available (yet: some hosts expose it only to streams).
 pub fn node() -> Option<Vec<u8>> {
-    property_any(&[&["xds", "node"], &["node"]])
+    property_any(&[paths::XDS_NODE, paths::NODE])
 }
 
 /// The traffic direction of the listener the stream came in on.
 pub fn listener_direction() -> Option<crate::properties::Direction> {
-    let value = property_any(&[&["xds", "listener_direction"], &["listener_direction"]])?;
+    let value = property_any(&[paths::XDS_LISTENER_DIRECTION, paths::LISTENER_DIRECTION])?;
     crate::properties::decode_int64(&value)
         .and_then(crate::properties::Direction::from_traffic_direction)
 }
 
-/// What the downstream connection proves: mTLS and the client certificate's SPIFFE ID.
+/// What the downstream connection shows of the peer, as raw property values: the client
+/// certificate's URI SAN and, when there is none and `mtls` trust needs to know, whether the
+/// connection used mTLS.
 ///
 /// A property read costs microseconds in Envoy, so the common cases take one: a URI SAN can
 /// only come from a certificate the peer presented, which answers both questions.
-pub fn downstream_identity(trust: crate::config::PeerTrust) -> crate::trust::PeerIdentity {
-    use crate::trust::{PeerIdentity, SpiffeId};
-    if let Some(uri) = property(&["connection", "uri_san_peer_certificate"]) {
-        return PeerIdentity {
+pub fn downstream_identity_raw(trust: crate::config::PeerTrust) -> RawIdentity {
+    if let Some(uri) = property_at(paths::CONNECTION_URI_SAN) {
+        return RawIdentity {
+            uri: Some(uri),
             mtls: true,
-            spiffe: SpiffeId::parse(&uri),
         };
     }
     // Without a URI SAN nothing is proven; whether the peer used mTLS only decides which
     // refusal is counted (`no_mtls` or `no_spiffe_id`), which only the `mtls` mode reports.
     let mtls = trust == crate::config::PeerTrust::Mtls
-        && property(&["connection", "mtls"])
+        && property_at(paths::CONNECTION_MTLS)
             .and_then(|value| crate::properties::decode_bool(&value))
             .unwrap_or(false);
-    PeerIdentity { mtls, spiffe: None }
+    RawIdentity { uri: None, mtls }
+}
+
+/// What the upstream connection shows: the server certificate's URI SAN, which Envoy has
+/// verified when the cluster's TLS context has a validation context.
+pub fn upstream_identity_raw() -> RawIdentity {
+    let uri = property_at(paths::UPSTREAM_URI_SAN);
+    RawIdentity {
+        mtls: uri.is_some(),
+        uri,
+    }
+}
+
+/// A peer's identity as the host reported it, before parsing: the memo key of a resolution.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawIdentity {
+    pub uri: Option<Vec<u8>>,
+    pub mtls: bool,
+}
+
+impl RawIdentity {
+    /// What it proves (the SPIFFE ID parsed); for the upstream, mTLS only with a SPIFFE ID.
+    pub fn parse(&self) -> crate::trust::PeerIdentity {
+        let spiffe = self.uri.as_deref().and_then(crate::trust::SpiffeId::parse);
+        crate::trust::PeerIdentity {
+            mtls: self.mtls,
+            spiffe,
+        }
+    }
+
+    fn flags(&self) -> &'static [u8] {
+        match (self.uri.is_some(), self.mtls) {
+            (false, false) => b"\0",
+            (false, true) => b"\x01",
+            (true, false) => b"\x02",
+            (true, true) => b"\x03",
+        }
+    }
 }
 
 /// The name of the upstream cluster the request was routed to (`xds.cluster_name`).
 pub fn upstream_cluster() -> Option<Vec<u8>> {
-    property(&["xds", "cluster_name"])
+    property_at(paths::XDS_CLUSTER_NAME)
 }
 
-/// What the upstream connection proves: the server certificate's SPIFFE ID, which Envoy has
-/// verified when the cluster's TLS context has a validation context.
-pub fn upstream_identity() -> crate::trust::PeerIdentity {
-    let spiffe = property(&["upstream", "uri_san_peer_certificate"])
-        .and_then(|uri| crate::trust::SpiffeId::parse(&uri));
-    crate::trust::PeerIdentity {
-        mtls: spiffe.is_some(),
-        spiffe,
+fn presence(value: Option<&[u8]>) -> &'static [u8] {
+    if value.is_some() {
+        b"\x01"
+    } else {
+        b"\0"
+    }
+}
+
+/// The caller of an inbound request as resolved from its claims, memoized.
+pub struct InboundResolution {
+    pub outcome: crate::resolve::InboundRequest,
+    pub source: std::rc::Rc<crate::party::Party>,
+}
+
+/// The destination of an outbound request as resolved from the callee's claims, memoized.
+pub struct OutboundResolution {
+    pub outcome: crate::resolve::OutboundResponse,
+    pub destination: std::rc::Rc<crate::party::Party>,
+    /// The routed cluster filled a label: the result holds only for that cluster.
+    needs_cluster: bool,
+}
+
+/// Label resolution of one filter (its [`crate::resolve::LabelSettings`]), with memos of
+/// recent inputs: the same peer with the same claims is resolved once, not once per request.
+/// A hit returns exactly what resolving would (the key is every input byte).
+pub struct Resolver {
+    pub settings: crate::resolve::LabelSettings,
+    inbound: std::cell::RefCell<crate::memo::Memo<std::rc::Rc<InboundResolution>>>,
+    outbound: std::cell::RefCell<crate::memo::Memo<std::rc::Rc<OutboundResolution>>>,
+    states: std::cell::RefCell<crate::memo::Memo<std::rc::Rc<crate::party::Party>>>,
+}
+
+impl Resolver {
+    pub fn new(settings: crate::resolve::LabelSettings) -> Resolver {
+        use crate::memo::{Memo, DEFAULT_CAPACITY};
+        Resolver {
+            settings,
+            inbound: std::cell::RefCell::new(Memo::new(DEFAULT_CAPACITY)),
+            outbound: std::cell::RefCell::new(Memo::new(DEFAULT_CAPACITY)),
+            states: std::cell::RefCell::new(Memo::new(DEFAULT_CAPACITY)),
+        }
+    }
+
+    /// Resolves the caller of an inbound request from every `baggage` value, Istio's peer
+    /// metadata and what the downstream connection proves.
+    pub fn inbound(
+        &self,
+        baggage: &[&[u8]],
+        peer_metadata: Option<&[u8]>,
+        identity: &RawIdentity,
+    ) -> std::rc::Rc<InboundResolution> {
+        let count = (baggage.len() as u32).to_le_bytes();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(baggage.len() + 5);
+        parts.push(&count);
+        parts.extend_from_slice(baggage);
+        parts.push(presence(peer_metadata));
+        parts.push(peer_metadata.unwrap_or_default());
+        parts.push(identity.flags());
+        parts.push(identity.uri.as_deref().unwrap_or_default());
+        self.inbound
+            .borrow_mut()
+            .get_or_insert_with(&parts, || {
+                let outcome = crate::resolve::inbound_request(
+                    &self.settings,
+                    baggage,
+                    peer_metadata,
+                    &identity.parse(),
+                );
+                let source = std::rc::Rc::new(crate::party::Party::new(outcome.source.clone()));
+                std::rc::Rc::new(InboundResolution { outcome, source })
+            })
+            .clone()
+    }
+
+    /// Resolves the destination of an outbound request from its `x-eastwest-peer` header and
+    /// what the upstream connection proves; the routed cluster is read only when needed.
+    pub fn outbound(
+        &self,
+        peer_header: Option<&[u8]>,
+        identity: &RawIdentity,
+    ) -> std::rc::Rc<OutboundResolution> {
+        let parts: [&[u8]; 4] = [
+            presence(peer_header),
+            peer_header.unwrap_or_default(),
+            identity.flags(),
+            identity.uri.as_deref().unwrap_or_default(),
+        ];
+        let mut memo = self.outbound.borrow_mut();
+        if let Some(found) = memo.get(&parts).filter(|found| !found.needs_cluster) {
+            return found.clone();
+        }
+        let cluster = upstream_cluster();
+        let cluster_parts: [&[u8]; 6] = [
+            parts[0],
+            parts[1],
+            parts[2],
+            parts[3],
+            presence(cluster.as_deref()),
+            cluster.as_deref().unwrap_or_default(),
+        ];
+        if let Some(found) = memo.get(&cluster_parts) {
+            return found.clone();
+        }
+        let mut needs_cluster = false;
+        let outcome = crate::resolve::outbound_response(
+            &self.settings,
+            peer_header,
+            &identity.parse(),
+            || {
+                needs_cluster = true;
+                cluster.clone()
+            },
+        );
+        let destination = std::rc::Rc::new(crate::party::Party::new(outcome.destination.clone()));
+        let resolution = std::rc::Rc::new(OutboundResolution {
+            outcome,
+            destination,
+            needs_cluster,
+        });
+        // Without the cluster the result holds for the claims alone; with it, only for
+        // that cluster too.
+        let key: &[&[u8]] = if needs_cluster {
+            &cluster_parts
+        } else {
+            &parts
+        };
+        memo.insert(key, resolution.clone());
+        resolution
+    }
+
+    /// One end's labels as label-enrich published them in filter state (`key`); `None` when
+    /// it did not run before this filter.
+    pub fn from_state(&self, key: &str) -> Option<std::rc::Rc<crate::party::Party>> {
+        let value = property_at(key.as_bytes())?;
+        Some(
+            self.states
+                .borrow_mut()
+                .get_or_insert_with(&[&value], || {
+                    std::rc::Rc::new(crate::party::Party::new(crate::resolve::labels_from_state(
+                        &value,
+                    )))
+                })
+                .clone(),
+        )
+    }
+
+    /// The calling service on an inbound sidecar: what label-enrich published in filter state
+    /// when it ran first, else resolved here from the request's claims with the same trust
+    /// rules. The problems found while resolving are returned for the caller to count.
+    pub fn inbound_source(
+        &self,
+    ) -> (
+        std::rc::Rc<crate::party::Party>,
+        Option<crate::resolve::Problems>,
+    ) {
+        if let Some(state) = self.from_state(crate::resolve::SOURCE_STATE_KEY) {
+            return (state, None);
+        }
+        let peer_metadata = header_value(
+            MapType::HttpRequestHeaders,
+            crate::peer::ISTIO_PEER_METADATA_HEADER,
+        )
+        .ok()
+        .flatten();
+        let identity = downstream_identity_raw(self.settings.peer_trust);
+        let headers = header_map(MapType::HttpRequestHeaders).ok();
+        let baggage = headers
+            .as_ref()
+            .and_then(|headers| headers.values("baggage"))
+            .unwrap_or_default();
+        let resolution = self.inbound(&baggage, peer_metadata.as_deref(), &identity);
+        (
+            resolution.source.clone(),
+            Some(resolution.outcome.problems.clone()),
+        )
+    }
+}
+
+/// What the features of one stream learn about it and hand each other in memory (all of them
+/// in one module); a separate module starts each stream with an empty one and reads what an
+/// earlier filter published in filter state instead.
+#[derive(Default)]
+pub struct Exchange {
+    listener_direction: Option<Option<crate::properties::Direction>>,
+    /// The caller, once a feature resolved it.
+    pub source: Option<std::rc::Rc<crate::party::Party>>,
+    /// The callee, once a feature resolved it.
+    pub destination: Option<std::rc::Rc<crate::party::Party>>,
+}
+
+impl Exchange {
+    /// The direction a feature works in: its configured one, else the listener's (read from
+    /// the host once per stream).
+    pub fn direction(
+        &mut self,
+        configured: Option<crate::properties::Direction>,
+    ) -> Option<crate::properties::Direction> {
+        configured.or_else(|| {
+            *self
+                .listener_direction
+                .get_or_insert_with(listener_direction)
+        })
     }
 }
 
@@ -341,7 +588,7 @@ pub fn own_labels(settings: &crate::resolve::LabelSettings) -> Option<OwnLabels>
 /// This workload's labels as a filter keeps them: resolved when the filter is configured, and
 /// again on a later request while the host does not expose the node yet.
 pub struct OwnLabelsCell {
-    labels: std::cell::RefCell<crate::labels::Labels>,
+    party: std::cell::RefCell<std::rc::Rc<crate::party::Party>>,
     pending: std::cell::Cell<bool>,
 }
 
@@ -349,7 +596,9 @@ impl OwnLabelsCell {
     /// Starts from the configured `local` labels; resolve with [`OwnLabelsCell::refresh`].
     pub fn new(settings: &crate::resolve::LabelSettings) -> OwnLabelsCell {
         OwnLabelsCell {
-            labels: std::cell::RefCell::new(settings.local.clone()),
+            party: std::cell::RefCell::new(std::rc::Rc::new(crate::party::Party::new(
+                settings.local.clone(),
+            ))),
             pending: std::cell::Cell::new(true),
         }
     }
@@ -366,19 +615,31 @@ impl OwnLabelsCell {
         }
         if let Some(own) = own_labels(settings) {
             on_resolved(&own);
-            *self.labels.borrow_mut() = own.labels;
+            *self.party.borrow_mut() = std::rc::Rc::new(crate::party::Party::new(own.labels));
             self.pending.set(false);
         }
     }
 
-    pub fn get(&self) -> std::cell::Ref<'_, crate::labels::Labels> {
-        self.labels.borrow()
+    pub fn get(&self) -> std::rc::Rc<crate::party::Party> {
+        self.party.borrow().clone()
     }
 }
 
 /// Logs `eastwest-<filter>: <message>` (the prefix every eastwest log line carries).
 pub fn log(filter: &str, level: proxy_wasm::types::LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, &format!("eastwest-{filter}: {message}"));
+}
+
+/// The plugin configuration as the host passes it (empty when there is none).
+pub fn plugin_configuration() -> Vec<u8> {
+    proxy_wasm::hostcalls::get_buffer(
+        proxy_wasm::types::BufferType::PluginConfiguration,
+        0,
+        usize::MAX,
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 /// Reads the plugin configuration and parses it; on a bad configuration logs
@@ -388,15 +649,7 @@ pub fn configure<T>(
     filter: &str,
     parse: impl FnOnce(&[u8]) -> Result<T, crate::config::ConfigError>,
 ) -> Option<T> {
-    let bytes = proxy_wasm::hostcalls::get_buffer(
-        proxy_wasm::types::BufferType::PluginConfiguration,
-        0,
-        usize::MAX,
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_default();
-    match parse(&bytes) {
+    match parse(&plugin_configuration()) {
         Ok(settings) => Some(settings),
         Err(error) => {
             let _ = proxy_wasm::hostcalls::log(

@@ -9,7 +9,9 @@ pub mod header_pairs;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod labels;
+pub mod memo;
 pub mod metric_name;
+pub mod party;
 pub mod peer;
 pub mod properties;
 pub mod resolve;

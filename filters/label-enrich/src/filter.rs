@@ -1,12 +1,15 @@
 //! The thin proxy-wasm layer: reads headers and properties from Envoy, lets `logic` decide,
 //! writes the result back. Every host call's failure is counted and the request goes on.
+//!
+//! [`LabelEnrich`] is the feature (also run by the one-module sidecar, `eastwest-sidecar`);
+//! `Root` and `Stream` run it as the `label-enrich` module.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 
-use eastwest_common::host;
-use eastwest_common::labels::Labels;
+use eastwest_common::host::{self, Exchange, Resolver};
 use eastwest_common::metric_name::tagged_name;
+use eastwest_common::party::Party;
 use eastwest_common::peer::ISTIO_PEER_METADATA_HEADER;
 use eastwest_common::properties::Direction;
 use eastwest_common::trust::Refusal;
@@ -16,17 +19,19 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::Settings;
 use eastwest_common::resolve::{
-    self, Problem, Problems, DESTINATION_STATE_KEY, PEER_HEADER, SOURCE_HEADER, SOURCE_STATE_KEY,
+    Problem, Problems, DESTINATION_STATE_KEY, PEER_HEADER, SOURCE_HEADER, SOURCE_STATE_KEY,
 };
 
-const FILTER: &str = "label-enrich";
+pub const FILTER: &str = "label-enrich";
 const BAGGAGE: &str = "baggage";
 
+// The one-module sidecar links this crate as a library and registers its own root context.
+#[cfg(not(feature = "embedded"))]
 proxy_wasm::main! {{
     // Trace lets Envoy's own log level decide what is printed; it also installs the SDK's panic
     // hook, so that a bug would at least be logged before the VM stops.
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_root_context(|_| Box::new(Root { shared: None }));
+    proxy_wasm::set_root_context(|_| Box::new(Root { feature: None }));
 }}
 
 fn log(level: LogLevel, message: &str) {
@@ -89,54 +94,57 @@ impl Metrics {
     }
 }
 
-/// This workload's labels, in the two encodings the hot path needs, computed once.
-struct Own {
-    /// Members stamped into baggage and `x-eastwest-peer` (only labels that are known).
-    wire: String,
-    /// All six labels, `unknown` included: the filter-state value.
-    complete: String,
-}
-
-impl Own {
-    fn new(labels: &Labels) -> Own {
-        Own {
-            wire: labels.to_baggage_members(),
-            complete: labels.to_complete_members(),
-        }
-    }
-}
-
-/// Per-VM state shared by the root context and its streams.
-struct Shared {
-    settings: Settings,
+/// The label-enrich feature of one VM: its settings, metrics, this workload's labels and the
+/// memos of recent peers' resolutions.
+pub struct LabelEnrich {
+    direction: Option<Direction>,
+    resolver: Resolver,
     metrics: Metrics,
-    own: RefCell<Own>,
-    /// The node could not be read at configure time; try once more on the first request.
-    node_pending: Cell<bool>,
+    own: host::OwnLabelsCell,
     warned_direction: Cell<bool>,
 }
 
-impl Shared {
+/// What a stream remembers between its callbacks.
+#[derive(Default)]
+pub struct StreamState {
+    direction: Option<Direction>,
+}
+
+impl LabelEnrich {
+    /// Defines the metrics and resolves this workload's labels (again on the first request if
+    /// the host does not expose the node yet).
+    pub fn new(settings: Settings) -> LabelEnrich {
+        let feature = LabelEnrich {
+            direction: settings.direction,
+            own: host::OwnLabelsCell::new(&settings.labels),
+            resolver: Resolver::new(settings.labels),
+            metrics: Metrics::define(),
+            warned_direction: Cell::new(false),
+        };
+        feature.refresh_own();
+        feature
+    }
+
     /// Own labels: configuration first, then the node's metadata.
-    fn resolve_own(&self) -> Option<Own> {
-        let own = host::own_labels(&self.settings.labels)?;
-        if own.invalid_values > 0 {
-            self.count(Problem::NodeMetadata, own.invalid_values);
-            log(
-                LogLevel::Warn,
-                "node metadata holds invalid label values; they are ignored",
-            );
-        }
-        if let Some(error) = &own.undecodable {
-            self.count(Problem::NodeMetadata, 1);
-            log(
-                LogLevel::Warn,
-                &format!(
-                    "node metadata cannot be decoded ({error}); using the configured labels only"
-                ),
-            );
-        }
-        Some(Own::new(&own.labels))
+    fn refresh_own(&self) {
+        self.own.refresh(&self.resolver.settings, |own| {
+            if own.invalid_values > 0 {
+                self.count(Problem::NodeMetadata, own.invalid_values);
+                log(
+                    LogLevel::Warn,
+                    "node metadata holds invalid label values; they are ignored",
+                );
+            }
+            if let Some(error) = &own.undecodable {
+                self.count(Problem::NodeMetadata, 1);
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "node metadata cannot be decoded ({error}); using the configured labels only"
+                    ),
+                );
+            }
+        });
     }
 
     fn count(&self, problem: Problem, count: u32) {
@@ -144,60 +152,12 @@ impl Shared {
         problems.add(problem, count);
         self.metrics.count_problems(&problems);
     }
-}
 
-struct Root {
-    shared: Option<Rc<Shared>>,
-}
-
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let Some(settings) = host::configure(FILTER, Settings::parse) else {
-            return false;
-        };
-        let shared = Shared {
-            own: RefCell::new(Own::new(&settings.labels.local)),
-            settings,
-            metrics: Metrics::define(),
-            node_pending: Cell::new(false),
-            warned_direction: Cell::new(false),
-        };
-        match shared.resolve_own() {
-            Some(own) => *shared.own.borrow_mut() = own,
-            None => shared.node_pending.set(true),
-        }
-        self.shared = Some(Rc::new(shared));
-        true
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(Box::new(Stream {
-            shared,
-            direction: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct Stream {
-    shared: Rc<Shared>,
-    direction: Option<Direction>,
-}
-
-impl Context for Stream {}
-
-impl Stream {
     fn count_problems(&self, problems: &Problems, what: &str) {
         if problems == &Problems::default() {
             return;
         }
-        self.shared.metrics.count_problems(problems);
+        self.metrics.count_problems(problems);
         if debug_enabled() {
             let summary: Vec<String> = problems
                 .iter()
@@ -212,7 +172,7 @@ impl Stream {
 
     fn count_refusal(&self, peer: Peer, refusal: Option<Refusal>) {
         if let Some(refusal) = refusal {
-            self.shared.metrics.count_refusal(peer, refusal);
+            self.metrics.count_refusal(peer, refusal);
             if debug_enabled() {
                 let who = match peer {
                     Peer::Source => "caller",
@@ -228,13 +188,13 @@ impl Stream {
 
     fn set_state(&self, key: &str, value: &str) {
         if host::set_filter_state(key, value.as_bytes()).is_err() {
-            self.shared.count(Problem::HostCall, 1);
+            self.count(Problem::HostCall, 1);
         }
     }
 
     fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
         host::header_value(map, name).unwrap_or_else(|_| {
-            self.shared.count(Problem::HostCall, 1);
+            self.count(Problem::HostCall, 1);
             None
         })
     }
@@ -246,23 +206,32 @@ impl Stream {
             let _ = host::set_header(map, name, None);
         }
         if host::set_header(map, name, value).is_err() {
-            self.shared.count(Problem::HostCall, 1);
+            self.count(Problem::HostCall, 1);
         }
     }
 
-    fn baggage_values(&self) -> Vec<Vec<u8>> {
-        host::header_values(MapType::HttpRequestHeaders, BAGGAGE).unwrap_or_else(|_| {
-            self.shared.count(Problem::HostCall, 1);
+    /// The request's header map, to read every `baggage` value from (empty when the host
+    /// refuses or the encoding is inconsistent: counted, and the request goes on).
+    fn request_headers(&self) -> host::HeaderMap {
+        host::header_map(MapType::HttpRequestHeaders).unwrap_or_else(|_| {
+            self.count(Problem::HostCall, 1);
+            host::HeaderMap::default()
+        })
+    }
+
+    fn baggage<'a>(&self, headers: &'a host::HeaderMap) -> Vec<&'a [u8]> {
+        headers.values(BAGGAGE).unwrap_or_else(|| {
+            self.count(Problem::HostCall, 1);
             Vec::new()
         })
     }
 
-    fn outbound_request(&self) {
-        let own = self.shared.own.borrow();
-        let values = self.baggage_values();
-        let slices: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-        if !own.wire.is_empty() || eastwest_common::baggage::has_label_members(&slices) {
-            let rebuilt = eastwest_common::baggage::replace_label_members(&slices, &own.wire);
+    fn outbound_request(&self, exchange: &mut Exchange) {
+        let own = self.own.get();
+        let headers = self.request_headers();
+        let values = self.baggage(&headers);
+        if !own.wire.is_empty() || eastwest_common::baggage::has_label_members(&values) {
+            let rebuilt = eastwest_common::baggage::replace_label_members(&values, &own.wire);
             self.write_header(
                 MapType::HttpRequestHeaders,
                 BAGGAGE,
@@ -270,20 +239,19 @@ impl Stream {
                 values.len(),
             );
         }
-        self.set_state(SOURCE_STATE_KEY, &own.complete);
+        self.set_state(SOURCE_STATE_KEY, &own.state);
+        exchange.source = Some(own);
     }
 
-    fn inbound_request(&self) {
-        let values = self.baggage_values();
-        let slices: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+    fn inbound_request(&self, exchange: &mut Exchange) {
         let peer_metadata = self.header(MapType::HttpRequestHeaders, ISTIO_PEER_METADATA_HEADER);
-        let identity = host::downstream_identity(self.shared.settings.labels.peer_trust);
-        let outcome = resolve::inbound_request(
-            &self.shared.settings.labels,
-            &slices,
-            peer_metadata.as_deref(),
-            &identity,
-        );
+        let identity = host::downstream_identity_raw(self.resolver.settings.peer_trust);
+        let headers = self.request_headers();
+        let values = self.baggage(&headers);
+        let resolution = self
+            .resolver
+            .inbound(&values, peer_metadata.as_deref(), &identity);
+        let outcome = &resolution.outcome;
         self.count_problems(&outcome.problems, "caller input");
         self.count_refusal(Peer::Source, outcome.refused);
         if let Some(rebuilt) = &outcome.rewrite_baggage {
@@ -303,58 +271,44 @@ impl Stream {
             );
         }
         // Always written, so that a caller can never hand the application its own version.
-        let members = outcome.source.to_baggage_members();
-        let source_value = (!members.is_empty()).then_some(members.as_bytes());
+        let source = &resolution.source;
+        let source_value = (!source.wire.is_empty()).then_some(source.wire.as_bytes());
         self.write_header(MapType::HttpRequestHeaders, SOURCE_HEADER, source_value, 2);
-        self.set_state(SOURCE_STATE_KEY, &outcome.source.to_complete_members());
-        self.set_state(DESTINATION_STATE_KEY, &self.shared.own.borrow().complete);
+        self.set_state(SOURCE_STATE_KEY, &source.state);
+        let own = self.own.get();
+        self.set_state(DESTINATION_STATE_KEY, &own.state);
+        exchange.source = Some(source.clone());
+        exchange.destination = Some(own);
     }
 
-    fn outbound_response(&self) {
+    fn outbound_response(&self, exchange: &mut Exchange) {
         let peer_header = self.header(MapType::HttpResponseHeaders, PEER_HEADER);
         if peer_header.is_some() {
             self.write_header(MapType::HttpResponseHeaders, PEER_HEADER, None, 1);
         }
-        let identity = host::upstream_identity();
-        let outcome = resolve::outbound_response(
-            &self.shared.settings.labels,
-            peer_header.as_deref(),
-            &identity,
-            host::upstream_cluster,
-        );
-        self.count_problems(&outcome.problems, "destination input");
-        self.count_refusal(Peer::Destination, outcome.refused);
-        self.set_state(
-            DESTINATION_STATE_KEY,
-            &outcome.destination.to_complete_members(),
-        );
+        let identity = host::upstream_identity_raw();
+        let resolution = self.resolver.outbound(peer_header.as_deref(), &identity);
+        self.count_problems(&resolution.outcome.problems, "destination input");
+        self.count_refusal(Peer::Destination, resolution.outcome.refused);
+        self.set_state(DESTINATION_STATE_KEY, &resolution.destination.state);
+        exchange.destination = Some(resolution.destination.clone());
     }
 
     fn inbound_response(&self) {
-        let own = self.shared.own.borrow();
+        let own: Rc<Party> = self.own.get();
         let value = (!own.wire.is_empty()).then_some(own.wire.as_bytes());
         self.write_header(MapType::HttpResponseHeaders, PEER_HEADER, value, 1);
     }
-}
 
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if self.shared.node_pending.replace(false) {
-            if let Some(own) = self.shared.resolve_own() {
-                *self.shared.own.borrow_mut() = own;
-            }
-        }
-        self.direction = self
-            .shared
-            .settings
-            .direction
-            .or_else(host::listener_direction);
-        match self.direction {
-            Some(Direction::Outbound) => self.outbound_request(),
-            Some(Direction::Inbound) => self.inbound_request(),
+    pub fn on_request_headers(&self, stream: &mut StreamState, exchange: &mut Exchange) {
+        self.refresh_own();
+        stream.direction = exchange.direction(self.direction);
+        match stream.direction {
+            Some(Direction::Outbound) => self.outbound_request(exchange),
+            Some(Direction::Inbound) => self.inbound_request(exchange),
             None => {
-                self.shared.count(Problem::DirectionUnknown, 1);
-                if !self.shared.warned_direction.replace(true) {
+                self.count(Problem::DirectionUnknown, 1);
+                if !self.warned_direction.replace(true) {
                     log(
                         LogLevel::Warn,
                         "the listener reports no traffic direction; set \"direction\" in the \
@@ -363,15 +317,68 @@ impl HttpContext for Stream {
                 }
             }
         }
+    }
+
+    pub fn on_response_headers(&self, stream: &StreamState, exchange: &mut Exchange) {
+        match stream.direction {
+            Some(Direction::Outbound) => self.outbound_response(exchange),
+            Some(Direction::Inbound) => self.inbound_response(),
+            None => {}
+        }
+    }
+}
+
+// The separate module's contexts (unused when the sidecar embeds the feature).
+#[cfg_attr(feature = "embedded", allow(dead_code))]
+struct Root {
+    feature: Option<Rc<LabelEnrich>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let Some(settings) = host::configure(FILTER, Settings::parse) else {
+            return false;
+        };
+        self.feature = Some(Rc::new(LabelEnrich::new(settings)));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let feature = self.feature.clone()?;
+        Some(Box::new(Stream {
+            feature,
+            state: StreamState::default(),
+            exchange: Exchange::default(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+// The separate module's contexts (unused when the sidecar embeds the feature).
+#[cfg_attr(feature = "embedded", allow(dead_code))]
+struct Stream {
+    feature: Rc<LabelEnrich>,
+    state: StreamState,
+    exchange: Exchange,
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.feature
+            .on_request_headers(&mut self.state, &mut self.exchange);
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match self.direction {
-            Some(Direction::Outbound) => self.outbound_response(),
-            Some(Direction::Inbound) => self.inbound_response(),
-            None => {}
-        }
+        self.feature
+            .on_response_headers(&self.state, &mut self.exchange);
         Action::Continue
     }
 }

@@ -6,4 +6,4 @@ pub mod config;
 
 // The proxy-wasm layer; left out of unit-test builds, which exercise the logic without a host.
 #[cfg(not(test))]
-mod filter;
+pub mod filter;

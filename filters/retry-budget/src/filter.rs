@@ -1,13 +1,16 @@
 //! The thin proxy-wasm layer: reads the attempt headers and the destination, asks the budget
 //! (kept in shared data, see `ledger`), and enforces its answer as the configured mode says.
 //! Whatever goes wrong on the filter's side lets the request through and is counted.
+//!
+//! [`RetryBudget`] is the feature (also run by the one-module sidecar, `eastwest-sidecar`);
+//! `Root` and `Stream` run it as the `retry-budget` module.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
-use eastwest_common::host;
-use eastwest_common::labels::{Label, Labels, UNKNOWN};
+use eastwest_common::host::{self, paths, Exchange, Resolver};
+use eastwest_common::labels::{Label, UNKNOWN};
+use eastwest_common::memo::Memo;
 use eastwest_common::metric_name::tagged_name;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -24,15 +27,17 @@ use crate::request::{
 };
 use crate::window::{Params, Window};
 
-const FILTER: &str = "retry-budget";
+pub const FILTER: &str = "retry-budget";
 /// The budget that budgets beyond `max_budgets` share.
 const OVERFLOW: &str = "overflow";
 
+// The one-module sidecar links this crate as a library and registers its own root context.
+#[cfg(not(feature = "embedded"))]
 proxy_wasm::main! {{
     // Trace lets Envoy's own log level decide what is printed; it also installs the SDK's panic
     // hook, so that a bug would at least be logged before the VM stops.
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_root_context(|_| Box::new(Root { shared: None }));
+    proxy_wasm::set_root_context(|_| Box::new(Root { feature: None }));
 }}
 
 fn log(level: LogLevel, message: &str) {
@@ -96,53 +101,96 @@ struct Budget {
     key: String,
     params: Params,
     pending: Window,
+    /// `client-headers`: the shared window as read in the slot it was read in. Within one slot
+    /// the budget only gains room from deposits (kept in `pending`), so it is read once per slot
+    /// instead of on every request; this worker's own writes drop it. Other workers' retries
+    /// are seen from the next slot (`ttl / 10`) on.
+    shared_view: Option<(u64, Window)>,
     /// `destination_service` and, in `server` mode, `source_service`, for log lines.
     describe: String,
     admitted: Option<u32>,
     denied: Option<u32>,
 }
 
-/// Per-VM state shared by the root context and its streams.
-struct Shared {
+/// The retry-budget feature of one VM.
+pub struct RetryBudget {
     settings: Settings,
-    budgets: RefCell<HashMap<String, Budget>>,
+    resolver: Resolver,
+    budgets: RefCell<Vec<Budget>>,
+    /// Budget index by subject (destination service, or calling service in `server` mode).
+    subjects: RefCell<rustc_hash::FxHashMap<String, usize>>,
+    /// Budget index by the raw input it came from (cluster name, authority, caller), so that a
+    /// repeated destination is not parsed again.
+    recent: RefCell<Memo<usize>>,
     fail_open: Vec<Option<u32>>,
     own: host::OwnLabelsCell,
 }
 
-impl Shared {
+impl RetryBudget {
+    /// Defines the fixed metrics and asks for the timer that publishes deposits.
+    pub fn new(settings: Settings) -> RetryBudget {
+        let fail_open = FailOpen::ALL
+            .iter()
+            .map(|reason| {
+                let name = tagged_name(
+                    &[("reason", reason.as_str())],
+                    "eastwest_retry_budget_fail_open_total",
+                );
+                hostcalls::define_metric(MetricType::Counter, &name).ok()
+            })
+            .collect();
+        let period = settings.publish_period_millis() as u32;
+        let mut subjects = rustc_hash::FxHashMap::default();
+        // Sized up front (the overflow budget too) so that no request pays for growing it.
+        subjects.reserve(settings.max_budgets + 1);
+        let feature = RetryBudget {
+            own: host::OwnLabelsCell::new(&settings.labels),
+            resolver: Resolver::new(settings.labels.clone()),
+            budgets: RefCell::new(Vec::with_capacity(settings.max_budgets + 1)),
+            subjects: RefCell::new(subjects),
+            recent: RefCell::new(Memo::new(eastwest_common::memo::DEFAULT_CAPACITY)),
+            settings,
+            fail_open,
+        };
+        feature.own.refresh(&feature.settings.labels, |_| {});
+        if host::set_tick_period(period).is_err() {
+            log(
+                LogLevel::Warn,
+                "the host refused a timer; deposits are published only with retries",
+            );
+        }
+        feature
+    }
+
     fn count_fail_open(&self, reason: FailOpen) {
         if let Some(id) = self.fail_open[reason.index()] {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }
 
-    fn own_labels(&self) -> std::cell::Ref<'_, Labels> {
-        self.own.refresh(&self.settings.labels, |_| {});
-        self.own.get()
-    }
-
-    /// Runs `action` on the budget for `subject` (a destination service, or a calling service
-    /// in `server` mode), creating it (and its metrics) on first use.
-    fn with_budget<R>(
-        &self,
-        subject: &str,
-        destination: &Destination,
-        action: impl FnOnce(&mut Budget) -> R,
-    ) -> R {
-        let mut budgets = self.budgets.borrow_mut();
-        if let Some(budget) = budgets.get_mut(subject) {
-            return action(budget);
+    /// The budget for `subject` (a destination service, or a calling service in `server`
+    /// mode), created (with its metrics) on first use; beyond `max_budgets`, the overflow one.
+    fn budget_index(&self, subject: &str, destination: &Destination) -> usize {
+        let mut subjects = self.subjects.borrow_mut();
+        if let Some(index) = subjects.get(subject) {
+            return *index;
         }
-        let subject = if budgets.len() < self.settings.max_budgets {
+        let subject = if subjects.len() < self.settings.max_budgets {
             subject
         } else {
             OVERFLOW
         };
-        let budget = budgets
-            .entry(subject.to_string())
-            .or_insert_with(|| self.new_budget(subject, destination));
-        action(budget)
+        if let Some(index) = subjects.get(subject) {
+            return *index;
+        }
+        let mut budgets = self.budgets.borrow_mut();
+        budgets.push(self.new_budget(subject, destination));
+        subjects.insert(subject.to_string(), budgets.len() - 1);
+        budgets.len() - 1
+    }
+
+    fn with_budget<R>(&self, index: usize, action: impl FnOnce(&mut Budget) -> R) -> Option<R> {
+        self.budgets.borrow_mut().get_mut(index).map(action)
     }
 
     fn new_budget(&self, subject: &str, destination: &Destination) -> Budget {
@@ -172,66 +220,23 @@ impl Shared {
             key: request::budget_key(mode.as_str(), subject),
             params,
             pending: Window::new(),
+            shared_view: None,
             describe,
             admitted: define("eastwest_retry_budget_admitted_total"),
             denied: define("eastwest_retry_budget_denied_total"),
         }
     }
-}
-
-fn count(id: Option<u32>, by: u32) {
-    if let Some(id) = id {
-        let _ = hostcalls::increment_metric(id, i64::from(by));
-    }
-}
-
-struct Root {
-    shared: Option<Rc<Shared>>,
-}
-
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let Some(settings) = host::configure(FILTER, Settings::parse) else {
-            return false;
-        };
-        let fail_open = FailOpen::ALL
-            .iter()
-            .map(|reason| {
-                let name = tagged_name(
-                    &[("reason", reason.as_str())],
-                    "eastwest_retry_budget_fail_open_total",
-                );
-                hostcalls::define_metric(MetricType::Counter, &name).ok()
-            })
-            .collect();
-        let period = settings.publish_period_millis() as u32;
-        let shared = Shared {
-            own: host::OwnLabelsCell::new(&settings.labels),
-            settings,
-            budgets: RefCell::new(HashMap::new()),
-            fail_open,
-        };
-        shared.own.refresh(&shared.settings.labels, |_| {});
-        if host::set_tick_period(period).is_err() {
-            log(
-                LogLevel::Warn,
-                "the host refused a timer; deposits are published only with retries",
-            );
-        }
-        self.shared = Some(Rc::new(shared));
-        true
-    }
 
     /// Publishes each budget's deposits once per slot: the only shared-data write that does
     /// not come from a retry.
-    fn on_tick(&mut self) {
-        let Some(shared) = &self.shared else { return };
+    pub fn on_tick(&self) {
         let Some(now) = host::now_nanos() else {
             return;
         };
-        for budget in shared.budgets.borrow_mut().values_mut() {
+        for budget in self.budgets.borrow_mut().iter_mut() {
+            if !budget.pending.is_empty() {
+                budget.shared_view = None;
+            }
             if let Some(trouble) = ledger::publish(
                 &HostStore,
                 &budget.key,
@@ -239,172 +244,161 @@ impl RootContext for Root {
                 &mut budget.pending,
                 now,
             ) {
-                shared.count_fail_open(FailOpen::Ledger(trouble));
+                self.count_fail_open(FailOpen::Ledger(trouble));
             }
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(Box::new(Stream {
-            shared,
-            subject: None,
-            retries_disabled: false,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct Stream {
-    shared: Rc<Shared>,
-    /// The budget this request draws on, with its destination.
-    subject: Option<(String, Destination)>,
-    /// `client-headers`: the request went out with `x-envoy-max-retries: 0`.
-    retries_disabled: bool,
-}
-
-impl Context for Stream {}
-
-fn request_header(name: &str) -> Option<Vec<u8>> {
-    host::header_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match self.shared.settings.mode {
-            Mode::Client | Mode::Server => self.admit_attempt(),
+    pub fn on_request_headers(&self, stream: &mut StreamState, exchange: &mut Exchange) -> Action {
+        match self.settings.mode {
+            Mode::Client | Mode::Server => self.admit_attempt(stream, exchange),
             Mode::ClientHeaders => {
-                self.cap_retries();
+                self.cap_retries(stream);
                 Action::Continue
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if self.retries_disabled {
+    pub fn on_response_headers(&self, stream: &StreamState) {
+        if stream.retries_disabled {
             let failed = host::header_value(MapType::HttpResponseHeaders, ":status")
                 .ok()
                 .flatten()
                 .and_then(|status| std::str::from_utf8(&status).ok()?.parse::<u32>().ok())
                 .is_some_and(|status| status >= 500);
             if failed {
-                self.deny_visibly();
+                self.deny_visibly(stream);
             }
         }
-        Action::Continue
     }
 
-    fn on_log(&mut self) {
-        if self.shared.settings.mode == Mode::ClientHeaders {
-            self.charge_retries();
+    pub fn on_log(&self, stream: &StreamState) {
+        if self.settings.mode == Mode::ClientHeaders {
+            self.charge_retries(stream);
         }
     }
-}
 
-impl Stream {
-    /// The destination of an outbound request: its cluster (Istio's names carry service and
+    /// The budget of an outbound request: its cluster (Istio's names carry service and
     /// namespace), else its authority.
-    fn outbound_destination() -> Destination {
-        host::upstream_cluster()
-            .and_then(|cluster| cluster::destination_from_cluster(&cluster))
-            .or_else(|| {
-                request_header(":authority")
-                    .and_then(|authority| cluster::destination_from_host(&authority))
-            })
+    fn outbound_budget(&self) -> usize {
+        let mut recent = self.recent.borrow_mut();
+        let cluster = host::upstream_cluster();
+        if let Some(cluster) = &cluster {
+            if let Some(index) = recent.get(&[b"cluster", cluster]) {
+                return *index;
+            }
+            if let Some(destination) = cluster::destination_from_cluster(cluster) {
+                let index = self.budget_index(&destination.service, &destination);
+                recent.insert(&[b"cluster", cluster], index);
+                return index;
+            }
+        }
+        let authority = request_header(":authority");
+        let parts: [&[u8]; 2] = [b"authority", authority.as_deref().unwrap_or_default()];
+        if let Some(index) = recent.get(&parts) {
+            return *index;
+        }
+        let destination = authority
+            .as_deref()
+            .and_then(cluster::destination_from_host)
             .unwrap_or_else(|| Destination {
                 service: UNKNOWN.to_string(),
                 namespace: UNKNOWN.to_string(),
-            })
+            });
+        let index = self.budget_index(&destination.service, &destination);
+        recent.insert(&parts, index);
+        index
     }
 
-    /// The budget subject and the destination of this request, by mode.
-    fn subject(&self) -> (String, Destination) {
-        let shared = &self.shared;
-        match shared.settings.mode {
+    /// The budget this request draws on, by mode.
+    fn budget_of_request(&self, exchange: &Exchange) -> usize {
+        match self.settings.mode {
             Mode::Server => {
                 // A caller whose claims are refused still gets a budget (its certificate's
                 // service, else `unknown`'s); label-enrich and telemetry count the refusals.
-                let (caller, _problems) = host::inbound_source(&shared.settings.labels);
-                let own = shared.own_labels();
+                let caller = exchange
+                    .source
+                    .clone()
+                    .unwrap_or_else(|| self.resolver.inbound_source().0);
+                let service = caller.labels.get_or_unknown(Label::Service);
+                let parts: [&[u8]; 2] = [b"caller", service.as_bytes()];
+                if let Some(index) = self.recent.borrow().get(&parts) {
+                    return *index;
+                }
+                self.own.refresh(&self.settings.labels, |_| {});
+                let own = self.own.get();
                 let destination = Destination {
-                    service: own.get_or_unknown(Label::Service).to_string(),
-                    namespace: own.get_or_unknown(Label::Namespace).to_string(),
+                    service: own.labels.get_or_unknown(Label::Service).to_string(),
+                    namespace: own.labels.get_or_unknown(Label::Namespace).to_string(),
                 };
-                (
-                    caller.get_or_unknown(Label::Service).to_string(),
-                    destination,
-                )
+                let index = self.budget_index(service, &destination);
+                self.recent.borrow_mut().insert(&parts, index);
+                index
             }
-            Mode::Client | Mode::ClientHeaders => {
-                let destination = Stream::outbound_destination();
-                (destination.service.clone(), destination)
-            }
+            Mode::Client | Mode::ClientHeaders => self.outbound_budget(),
         }
     }
 
     fn now(&self) -> Option<u64> {
         let now = host::now_nanos();
         if now.is_none() {
-            self.shared.count_fail_open(FailOpen::ClockUnavailable);
+            self.count_fail_open(FailOpen::ClockUnavailable);
         }
         now
     }
 
     /// `client` and `server`: a first attempt deposits; a retry withdraws, or is refused.
-    fn admit_attempt(&mut self) -> Action {
-        let shared = self.shared.clone();
+    fn admit_attempt(&self, stream: &mut StreamState, exchange: &Exchange) -> Action {
         let envoy_count = request_header(ENVOY_ATTEMPT_COUNT);
         let grpc_previous = request_header(GRPC_PREVIOUS_ATTEMPTS);
         let (attempt, bad) = request::attempt(envoy_count.as_deref(), grpc_previous.as_deref());
         if bad.is_some() {
-            shared.count_fail_open(FailOpen::AttemptHeader);
+            self.count_fail_open(FailOpen::AttemptHeader);
         }
         let Some(now) = self.now() else {
             return Action::Continue;
         };
-        let (subject, destination) = self.subject();
-        let decision = shared.with_budget(&subject, &destination, |budget| match attempt {
-            Attempt::First => {
-                let slot = budget.params.slot_of(now);
-                budget.pending.add(slot, 1, 0);
-                None
-            }
-            Attempt::Retry(_) => {
-                let (decision, trouble) = ledger::withdraw(
-                    &HostStore,
-                    &budget.key,
-                    &budget.params,
-                    &mut budget.pending,
-                    now,
-                    1,
-                );
-                match decision {
-                    Decision::Admitted | Decision::FailedOpen(_) => count(budget.admitted, 1),
-                    Decision::Denied => {
-                        count(budget.denied, 1);
-                        log(
-                            LogLevel::Debug,
-                            &format!(
-                                "denied a retry {} ({} mode): the budget of the last window is spent",
-                                budget.describe,
-                                shared.settings.mode.as_str()
-                            ),
-                        );
-                    }
+        let index = self.budget_of_request(exchange);
+        stream.budget = Some(index);
+        let decision = self
+            .with_budget(index, |budget| match attempt {
+                Attempt::First => {
+                    let slot = budget.params.slot_of(now);
+                    budget.pending.add(slot, 1, 0);
+                    None
                 }
-                Some((decision, trouble))
-            }
-        });
-        self.subject = Some((subject, destination));
+                Attempt::Retry(_) => {
+                    budget.shared_view = None;
+                    let (decision, trouble) = ledger::withdraw(
+                        &HostStore,
+                        &budget.key,
+                        &budget.params,
+                        &mut budget.pending,
+                        now,
+                        1,
+                    );
+                    match decision {
+                        Decision::Admitted | Decision::FailedOpen(_) => count(budget.admitted, 1),
+                        Decision::Denied => {
+                            count(budget.denied, 1);
+                            log(
+                                LogLevel::Debug,
+                                &format!(
+                                    "denied a retry {} ({} mode): the budget of the last window is spent",
+                                    budget.describe,
+                                    self.settings.mode.as_str()
+                                ),
+                            );
+                        }
+                    }
+                    Some((decision, trouble))
+                }
+            })
+            .flatten();
         match decision {
             Some((decision, trouble)) => {
                 if let Some(trouble) = trouble {
-                    shared.count_fail_open(FailOpen::Ledger(trouble));
+                    self.count_fail_open(FailOpen::Ledger(trouble));
                 }
                 if decision == Decision::Denied {
                     return self.refuse();
@@ -440,7 +434,7 @@ impl Stream {
             Ok(()) => Action::Pause,
             Err(_) => {
                 // Could not refuse: let the retry through rather than hang the request.
-                self.shared.count_fail_open(FailOpen::HostCall);
+                self.count_fail_open(FailOpen::HostCall);
                 Action::Continue
             }
         }
@@ -448,44 +442,50 @@ impl Stream {
 
     /// `client-headers`: a first attempt deposits; when the budget has no room left, the
     /// router is told not to retry this request.
-    fn cap_retries(&mut self) {
-        let shared = self.shared.clone();
+    fn cap_retries(&self, stream: &mut StreamState) {
         let Some(now) = self.now() else { return };
-        let (subject, destination) = self.subject();
-        let room = shared.with_budget(&subject, &destination, |budget| {
-            let slot = budget.params.slot_of(now);
-            budget.pending.add(slot, 1, 0);
-            ledger::has_room(
-                &HostStore,
-                &budget.key,
-                &budget.params,
-                &budget.pending,
-                now,
-            )
-        });
-        self.subject = Some((subject, destination));
+        let index = self.outbound_budget();
+        stream.budget = Some(index);
+        let room = self
+            .with_budget(index, |budget| {
+                let slot = budget.params.slot_of(now);
+                budget.pending.add(slot, 1, 0);
+                let shared = match &budget.shared_view {
+                    Some((read_in, window)) if *read_in == slot => window,
+                    _ => {
+                        let window = ledger::shared_window(&HostStore, &budget.key)?;
+                        &budget.shared_view.insert((slot, window)).1
+                    }
+                };
+                Ok(ledger::has_room_in(
+                    shared,
+                    &budget.params,
+                    &budget.pending,
+                    now,
+                ))
+            })
+            .unwrap_or(Ok(true));
         match room {
             Ok(true) => {}
             Ok(false) => {
                 match host::set_header(MapType::HttpRequestHeaders, ENVOY_MAX_RETRIES, Some(b"0")) {
-                    Ok(()) => self.retries_disabled = true,
-                    Err(_) => shared.count_fail_open(FailOpen::HostCall),
+                    Ok(()) => stream.retries_disabled = true,
+                    Err(_) => self.count_fail_open(FailOpen::HostCall),
                 }
             }
-            Err(trouble) => shared.count_fail_open(FailOpen::Ledger(trouble)),
+            Err(trouble) => self.count_fail_open(FailOpen::Ledger(trouble)),
         }
     }
 
     /// `client-headers`: a failed response whose retries the budget switched off.
-    fn deny_visibly(&self) {
-        let shared = &self.shared;
+    fn deny_visibly(&self, stream: &StreamState) {
         let _ = host::set_header(
             MapType::HttpResponseHeaders,
             BUDGET_HEADER,
             Some(BUDGET_EXHAUSTED.as_bytes()),
         );
-        if let Some((subject, destination)) = &self.subject {
-            shared.with_budget(subject, destination, |budget| {
+        if let Some(index) = stream.budget {
+            self.with_budget(index, |budget| {
                 count(budget.denied, 1);
                 log(
                     LogLevel::Debug,
@@ -501,21 +501,19 @@ impl Stream {
 
     /// `client-headers`: the retries the router made for this request, charged to the budget
     /// when the request ends (the only shared-data write of this mode besides publishing).
-    fn charge_retries(&self) {
-        let shared = &self.shared;
-        let Some((subject, destination)) = &self.subject else {
+    fn charge_retries(&self, stream: &StreamState) {
+        let Some(index) = stream.budget else {
             return;
         };
-        let attempts = host::property(&["upstream", "request_attempt_count"])
-            .and_then(|value| eastwest_common::properties::decode_int64(&value))
-            .unwrap_or(0);
+        let attempts = host::int_property(paths::UPSTREAM_ATTEMPTS).unwrap_or(0);
         if attempts <= 1 {
             return;
         }
         let retries = u32::try_from(attempts - 1).unwrap_or(u32::MAX);
         let Some(now) = self.now() else { return };
-        shared.with_budget(subject, destination, |budget| {
+        self.with_budget(index, |budget| {
             count(budget.admitted, retries);
+            budget.shared_view = None;
             if let Some(trouble) = ledger::charge(
                 &HostStore,
                 &budget.key,
@@ -524,8 +522,92 @@ impl Stream {
                 now,
                 retries,
             ) {
-                shared.count_fail_open(FailOpen::Ledger(trouble));
+                self.count_fail_open(FailOpen::Ledger(trouble));
             }
         });
+    }
+}
+
+fn count(id: Option<u32>, by: u32) {
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, i64::from(by));
+    }
+}
+
+fn request_header(name: &str) -> Option<Vec<u8>> {
+    host::header_value(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// What a stream remembers between its callbacks.
+#[derive(Default)]
+pub struct StreamState {
+    /// The budget this request draws on.
+    budget: Option<usize>,
+    /// `client-headers`: the request went out with `x-envoy-max-retries: 0`.
+    retries_disabled: bool,
+}
+
+// The separate module's contexts (unused when the sidecar embeds the feature).
+#[cfg_attr(feature = "embedded", allow(dead_code))]
+struct Root {
+    feature: Option<Rc<RetryBudget>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let Some(settings) = host::configure(FILTER, Settings::parse) else {
+            return false;
+        };
+        self.feature = Some(Rc::new(RetryBudget::new(settings)));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(feature) = &self.feature {
+            feature.on_tick();
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let feature = self.feature.clone()?;
+        Some(Box::new(Stream {
+            feature,
+            state: StreamState::default(),
+            exchange: Exchange::default(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+// The separate module's contexts (unused when the sidecar embeds the feature).
+#[cfg_attr(feature = "embedded", allow(dead_code))]
+struct Stream {
+    feature: Rc<RetryBudget>,
+    state: StreamState,
+    exchange: Exchange,
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.feature
+            .on_request_headers(&mut self.state, &mut self.exchange)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.feature.on_response_headers(&self.state);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.feature.on_log(&self.state);
     }
 }

@@ -96,6 +96,21 @@ pub fn view(
     Ok((window, now))
 }
 
+/// The shared window of `key` as stored (empty when absent or damaged): what
+/// [`has_room_in`] compares against, read once per slot in `client-headers` mode.
+pub fn shared_window(store: &dyn SharedStore, key: &str) -> Result<Window, Trouble> {
+    read(store, key).map(|(window, _, _)| window)
+}
+
+/// Whether at least one retry would be admitted now, given the `shared` window read earlier
+/// and this worker's unpublished deposits: [`has_room`] without the read.
+pub fn has_room_in(shared: &Window, params: &Params, pending: &Window, now_nanos: u64) -> bool {
+    let mut window = shared.clone();
+    window.merge(pending);
+    let (now, _) = window.advance(params.slot_of(now_nanos));
+    window.can_withdraw(params, now, 1)
+}
+
 /// Whether at least one retry toward `key` would be admitted now (`client-headers` mode asks
 /// this before the request goes out). Trouble answers yes: the filter fails open.
 pub fn has_room(

@@ -10,4 +10,4 @@ pub mod window;
 
 // The proxy-wasm layer; left out of unit-test builds, which exercise the logic without a host.
 #[cfg(not(test))]
-mod filter;
+pub mod filter;

@@ -19,6 +19,9 @@ pub enum Series {
     Unavailable,
 }
 
+/// Overflow series a table may hold besides the regular ones (one per metric is enough).
+const OVERFLOW_SERIES_PER_TABLE: usize = 8;
+
 /// The series of one VM.
 pub struct SeriesTable {
     max_series: usize,
@@ -30,10 +33,12 @@ pub struct SeriesTable {
 }
 
 impl SeriesTable {
+    /// The table is sized for `max_series` plus the overflow series up front, so that no
+    /// request pays for growing (rehashing) it.
     pub fn new(max_series: usize) -> SeriesTable {
         SeriesTable {
             max_series,
-            ids: HashMap::new(),
+            ids: HashMap::with_capacity(max_series + OVERFLOW_SERIES_PER_TABLE),
             regular: 0,
             key: String::new(),
         }

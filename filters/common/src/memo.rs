@@ -1,0 +1,163 @@
+//! A small cache of results keyed by the exact bytes of their inputs. The same peer sends the
+//! same claims request after request; with this, a repeated input costs one hash and one
+//! comparison instead of a parse, a trust decision and an encoding. Bounded: once full, each new
+//! entry replaces the oldest, so forged inputs can evict but never grow it.
+//!
+//! A key is a list of byte strings (the inputs of one computation, in order); two keys are equal
+//! only when every part is byte-for-byte equal, so a hit returns exactly what the computation
+//! would have returned.
+
+use std::hash::Hasher;
+
+/// Entries kept by default: a sidecar talks to a handful of peers at a time.
+pub const DEFAULT_CAPACITY: usize = 32;
+
+pub struct Memo<V> {
+    entries: Vec<Entry<V>>,
+    /// The entry replaced next once full (round robin: the oldest insertion).
+    next: usize,
+    capacity: usize,
+}
+
+struct Entry<V> {
+    hash: u64,
+    /// The parts, each preceded by its length as 4 little-endian bytes.
+    key: Box<[u8]>,
+    value: V,
+}
+
+/// The hash of a key's parts (lengths included, so `["ab", "c"]` and `["a", "bc"]` differ).
+pub fn hash_parts(parts: &[&[u8]]) -> u64 {
+    let mut hasher = rustc_hash::FxHasher::default();
+    for part in parts {
+        hasher.write_u32(part.len() as u32);
+        hasher.write(part);
+    }
+    hasher.finish()
+}
+
+fn key_equals(stored: &[u8], parts: &[&[u8]]) -> bool {
+    let mut rest = stored;
+    for part in parts {
+        let Some((length, tail)) = rest.split_first_chunk::<4>() else {
+            return false;
+        };
+        if u32::from_le_bytes(*length) as usize != part.len() {
+            return false;
+        }
+        let Some((bytes, tail)) = tail.split_at_checked(part.len()) else {
+            return false;
+        };
+        if bytes != *part {
+            return false;
+        }
+        rest = tail;
+    }
+    rest.is_empty()
+}
+
+impl<V> Memo<V> {
+    pub fn new(capacity: usize) -> Memo<V> {
+        Memo {
+            entries: Vec::with_capacity(capacity.max(1)),
+            next: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The value stored for exactly these parts.
+    pub fn get(&self, parts: &[&[u8]]) -> Option<&V> {
+        let hash = hash_parts(parts);
+        self.entries
+            .iter()
+            .find(|entry| entry.hash == hash && key_equals(&entry.key, parts))
+            .map(|entry| &entry.value)
+    }
+
+    /// Stores `value` for these parts (replacing the oldest entry when full) and returns it.
+    pub fn insert(&mut self, parts: &[&[u8]], value: V) -> &V {
+        let mut key = Vec::with_capacity(parts.iter().map(|p| p.len() + 4).sum());
+        for part in parts {
+            key.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            key.extend_from_slice(part);
+        }
+        let entry = Entry {
+            hash: hash_parts(parts),
+            key: key.into_boxed_slice(),
+            value,
+        };
+        let index = if self.entries.len() < self.capacity {
+            self.entries.push(entry);
+            self.entries.len() - 1
+        } else {
+            let index = self.next;
+            self.entries[index] = entry;
+            self.next = (index + 1) % self.capacity;
+            index
+        };
+        &self.entries[index].value
+    }
+
+    /// The value for these parts, computed by `compute` (and stored) on a miss.
+    pub fn get_or_insert_with(&mut self, parts: &[&[u8]], compute: impl FnOnce() -> V) -> &V {
+        let hash = hash_parts(parts);
+        match self
+            .entries
+            .iter()
+            .position(|entry| entry.hash == hash && key_equals(&entry.key, parts))
+        {
+            Some(index) => &self.entries[index].value,
+            None => self.insert(parts, compute()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn a_hit_needs_every_part_equal() {
+        let mut memo = Memo::new(4);
+        memo.insert(&[b"ab", b"c"], 1);
+        assert_eq!(memo.get(&[b"ab", b"c"]), Some(&1));
+        assert_eq!(memo.get(&[b"a", b"bc"]), None, "part boundaries matter");
+        assert_eq!(memo.get(&[b"ab"]), None);
+        assert_eq!(memo.get(&[b"ab", b"c", b""]), None);
+        assert_eq!(memo.get(&[b"ab", b"d"]), None);
+    }
+
+    #[test]
+    fn computes_once_per_distinct_input() {
+        let mut memo = Memo::new(4);
+        let mut computed = 0;
+        for _ in 0..3 {
+            memo.get_or_insert_with(&[b"peer"], || {
+                computed += 1;
+                7
+            });
+        }
+        assert_eq!(computed, 1);
+    }
+
+    #[test]
+    fn stays_bounded_and_evicts_the_oldest() {
+        let mut memo = Memo::new(3);
+        for i in 0..10_000u32 {
+            memo.insert(&[&i.to_le_bytes()], i);
+        }
+        assert_eq!(memo.len(), 3);
+        assert_eq!(memo.get(&[&9_999u32.to_le_bytes()]), Some(&9_999));
+        assert_eq!(memo.get(&[&0u32.to_le_bytes()]), None);
+    }
+}
