@@ -24,6 +24,7 @@
 //! ```
 
 pub mod app;
+pub mod bench;
 pub mod bootstrap;
 pub mod certs;
 pub mod client;

@@ -1,25 +1,47 @@
-//! Requests per second of one Envoy worker proxying to the test app, without and with each
-//! Wasm filter given on the command line, measured with wrk.
+//! What the filters cost one Envoy sidecar, the way an operator sees it: CPU time per request of
+//! the Envoy process, its memory, the latency it adds at a moderate rate, next to the wasm
+//! instructions the harness counts and the targets of DESIGN.md §8.
 //!
 //! ```text
-//! eastwest-bench [--filter NAME=PATH.wasm]... [--config NAME=JSON]... [--duration 10s]
-//!                [--warmup 2s] [--rounds 3] [--connections 32] [--wrk-threads 2]
-//!                [--direction outbound|inbound] [--concurrency 1] [--json-out PATH]
+//! eastwest-bench [--rounds 3] [--duration 8s] [--warmup 2s] [--rate 2000]
+//!                [--latency-duration 4s] [--connections 16] [--wrk-threads 1]
+//!                [--only NAME,...] [--dist DIR] [--harness-json PATH]
+//!                [--json-out target/bench/bench.json] [--concurrency 1] [--no-pin]
+//!                [--filter NAME=PATH.wasm [--config NAME=JSON]]...
 //! ```
 //!
-//! Every configuration gets its own Envoy (`--concurrency 1`, one listener, one cluster to
-//! the test app, which runs inside this process). Rounds interleave the configurations
-//! (alternating their order) so drifts of the machine hit all of them alike; each run is a
-//! warm-up followed by the measured run. The table shows the median requests per second, the
-//! median of the runs' p99 latency, and the ratio to the baseline.
+//! Configurations (one Envoy each, `--concurrency 1`, node metadata like an Istio sidecar's:
+//! `NAMESPACE`, `LABELS` app/team/criticality/environment, locality region; one OUTBOUND
+//! listener with the shipped sidecar's route settings, one cluster):
+//! `no-filter`; `wasm-noop` (a WAT module that does nothing); `lua-baggage` (an
+//! `envoy.filters.http.lua` filter appending the six ownership labels to `baggage`, what a
+//! user would write instead); `label-enrich`, `telemetry`, `retry-budget` alone (outbound);
+//! `chain-3-modules` (the three in the order and with the configurations above, one VM each,
+//! as the static sidecar's outbound listener runs them); `eastwest-all` (dist/eastwest.wasm
+//! with all three features; "not built" while it is missing). `--filter` adds configurations.
+//!
+//! The upstream is a second Envoy answering every request itself (`direct_response`: 200, a
+//! small body and `x-eastwest-peer: service.name=orders,k8s.namespace.name=shop`), so the far
+//! side costs little. With two or more CPUs the measured Envoys run on the last CPU and the
+//! upstream, wrk and this process (the open-loop generator) on the others.
+//!
+//! Every round runs each configuration once, in alternating order: a wrk warm-up, a closed-loop
+//! wrk run (CPU time of the measured Envoy from `/proc/PID/stat` over the run, divided by the
+//! requests), VmRSS, then an open-loop run at `--rate` (p50 and p99 from an hdrhistogram).
+//! Every request carries eight headers, `baggage: userid=7` among them. The figures and how
+//! they are compared are in `eastwest_e2e::bench`. Exit status 1 when a request failed or a
+//! configuration could not be set up; a missed target does not fail the run.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use eastwest_e2e::bench::{
+    self, ConfigurationResult, HarnessReport, OpenLoopRun, Report, Run, Status, CHAIN, EASTWEST,
+    LABEL_ENRICH, LUA_BAGGAGE, NO_FILTER, RETRY_BUDGET, TELEMETRY, WASM_NOOP,
+};
+use eastwest_e2e::load::{self, LoadPlan};
 use eastwest_e2e::process::spawn_tied_to_process;
 use eastwest_e2e::{
     bootstrap, free_port, http_request, wasm_filter, ClusterBuilder, Envoy, EnvoyOptions,
@@ -27,15 +49,13 @@ use eastwest_e2e::{
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: eastwest-bench [--filter NAME=PATH.wasm]... [--config NAME=JSON]...
-       [--duration 10s] [--warmup 2s] [--rounds 3] [--connections 32] [--wrk-threads 2]
-       [--direction outbound|inbound] [--concurrency 1] [--app-threads 1] [--json-out PATH]
-       [--no-pin]";
-
-/// The name of the floor configuration in the table: a module that does nothing
-/// ([`eastwest_e2e::wat_modules::noop_module`]), which separates what a filter costs from what
-/// Envoy's Wasm support costs.
-const NOOP_NAME: &str = "wasm-noop";
+const USAGE: &str = "usage: eastwest-bench [--rounds 3] [--duration 8s] [--warmup 2s] [--rate 2000]
+       [--latency-duration 4s] [--connections 16] [--wrk-threads 1] [--only NAME,...]
+       [--dist DIR] [--harness-json PATH] [--json-out target/bench/bench.json]
+       [--concurrency 1] [--no-pin] [--filter NAME=PATH.wasm [--config NAME=JSON]]...
+configurations: no-filter wasm-noop lua-baggage label-enrich telemetry retry-budget
+                chain-3-modules eastwest-all (--only keeps no-filter and wasm-noop, the
+                references, and the --filter ones)";
 
 /// wrk prints this line from its `done` hook; latencies are in microseconds.
 const WRK_SCRIPT: &str = r#"
@@ -47,67 +67,419 @@ done = function(summary, latency, requests)
 end
 "#;
 
+/// The headers of every request besides `Host` (which wrk and the generator add): eight in all,
+/// as an application's HTTP client sends them, with a baggage member and a trace context.
+const REQUEST_HEADERS: &[(&str, &str)] = &[
+    ("user-agent", "eastwest-bench/2"),
+    ("accept", "application/json"),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", "en-US,en;q=0.9"),
+    ("baggage", "userid=7"),
+    (
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ),
+    ("x-request-id", "7f3c9a2e-1b4d-4e8f-9a6b-2c5d8e1f0a3b"),
+];
+
+/// What the upstream Envoy answers.
+const UPSTREAM_BODY: &str = "{\"service\":\"orders\",\"status\":\"ok\"}\n";
+const UPSTREAM_PEER_HEADER: &str = "service.name=orders,k8s.namespace.name=shop";
+
+/// The measured sidecar's workload, as its node metadata and the Lua filter name it.
+const WORKLOAD: &str = "checkout";
+const NAMESPACE: &str = "shop";
+const POD_LABELS: &[(&str, &str)] = &[
+    ("app", "checkout"),
+    ("team", "shop-core"),
+    ("criticality", "high"),
+    ("environment", "production"),
+];
+const REGION: &str = "eu-west-1";
+
+/// What a user writes instead of label-enrich's outbound stamping: append this workload's six
+/// ownership labels (DESIGN.md §3) to the W3C `baggage` request header.
+const LUA_BAGGAGE_CODE: &str = r#"
+local labels = "service.name=checkout,k8s.namespace.name=shop,deployment.environment.name=production,cloud.region=eu-west-1,eastwest.team=shop-core,service.criticality=high"
+function envoy_on_request(request_handle)
+  local headers = request_handle:headers()
+  local baggage = headers:get("baggage")
+  if baggage == nil or baggage == "" then
+    headers:replace("baggage", labels)
+  else
+    headers:replace("baggage", baggage .. "," .. labels)
+  end
+end
+"#;
+
 struct Args {
-    filters: Vec<(String, PathBuf)>,
-    configs: Vec<(String, Value)>,
+    rounds: usize,
     duration: Duration,
     warmup: Duration,
-    rounds: usize,
+    rate: f64,
+    latency_duration: Duration,
     connections: u32,
     wrk_threads: u32,
-    direction: TrafficDirection,
     concurrency: u32,
-    app_threads: usize,
-    json_out: Option<PathBuf>,
-    /// Give the Envoys their own CPU, away from wrk and the test app.
+    only: Option<Vec<String>>,
+    dist: PathBuf,
+    harness_json: Option<PathBuf>,
+    json_out: PathBuf,
     pin: bool,
+    filters: Vec<(String, PathBuf)>,
+    configs: Vec<(String, Value)>,
 }
 
-struct Configuration {
+/// A configuration to set up.
+struct Plan {
     name: String,
+    description: String,
+    /// The HTTP filters before the router, in the ways to write them that are tried in order
+    /// until Envoy accepts one (eastwest.wasm's shared `direction` at the top level, else in
+    /// each section).
+    variants: Vec<Vec<Value>>,
+    status: Status,
+    harness_modules: Vec<String>,
+    /// Whether the response to the client still carries `x-eastwest-peer` (label-enrich
+    /// removes it): checked once, so a filter that silently does nothing is noticed.
+    peer_header_kept: Option<bool>,
+}
+
+/// A configuration with its Envoy running.
+struct Measured {
+    plan: usize,
     envoy: Envoy,
     url: String,
-    runs: Vec<WrkResult>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct WrkResult {
-    requests_per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// Non-2xx/3xx responses plus socket errors.
-    errors: u64,
+    filters: Vec<Value>,
+    runs: Vec<Run>,
 }
 
 fn main() {
-    if let Err(error) = run() {
-        eprintln!("eastwest-bench: {error:#}");
-        std::process::exit(1);
+    match run() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(error) => {
+            eprintln!("eastwest-bench: {error:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run() -> Result<()> {
+/// Measures, prints, writes the JSON; false when a request failed or a configuration failed.
+fn run() -> Result<bool> {
+    let started = Instant::now();
     let args = parse_args()?;
     let wrk = find_in_path("wrk").context(
         "wrk not found; install it with `apt-get install wrk` (cargo xtask bench does this)",
     )?;
-    eastwest_e2e::envoy_binary()?;
+    let envoy_binary = eastwest_e2e::envoy_binary()?;
+    let harness = read_harness_json(args.harness_json.as_deref());
 
-    let app_port = start_app(args.app_threads)?;
-    let script_dir = tempfile::tempdir()?;
-    let script = script_dir.path().join("report.lua");
+    let scratch = tempfile::tempdir()?;
+    let script = scratch.path().join("report.lua");
     std::fs::write(&script, WRK_SCRIPT)?;
-
-    let noop_path = script_dir.path().join("noop.wasm");
+    let noop_path = scratch.path().join("noop.wasm");
     std::fs::write(&noop_path, eastwest_e2e::wat_modules::noop_module()?)?;
-    let mut configurations = vec![
-        start_configuration("baseline", None, &args, app_port)?,
-        start_configuration(
-            NOOP_NAME,
-            Some(wasm_filter(NOOP_NAME, &noop_path, json!({}))),
-            &args,
-            app_port,
-        )?,
+
+    let mut plans = plans(&args, &noop_path);
+    let upstream = start_upstream()?;
+    let mut measured: Vec<Measured> = Vec::new();
+    for (index, plan) in plans.iter_mut().enumerate() {
+        if plan.status != Status::Measured {
+            continue;
+        }
+        match start_configuration(plan, &args, upstream.port) {
+            Ok((envoy, url, filters)) => {
+                eprintln!("started {:<16} Envoy pid {}", plan.name, envoy.pid());
+                measured.push(Measured {
+                    plan: index,
+                    envoy,
+                    url,
+                    filters,
+                    runs: Vec::new(),
+                });
+            }
+            Err(error) => {
+                eprintln!("configuration `{}` failed: {error:#}", plan.name);
+                plan.status = Status::Failed(format!("{error:#}"));
+            }
+        }
+    }
+    if !measured.iter().any(|m| plans[m.plan].name == NO_FILTER) {
+        bail!("the no-filter configuration did not start; nothing to compare with");
+    }
+
+    let pinning = Pinning::new(args.pin);
+    pinning.pin_load_side(upstream.envoy.pid());
+    eprintln!(
+        "{} configurations x {} rounds: {:?} warm-up + {:?} closed loop (wrk -t{} -c{}) + {:?} \
+         open loop at {} req/s each; {}",
+        measured.len(),
+        args.rounds,
+        args.warmup,
+        args.duration,
+        args.wrk_threads,
+        args.connections,
+        args.latency_duration,
+        args.rate,
+        pinning.describe()
+    );
+    let load = LoadSide {
+        wrk: &wrk,
+        script: &script,
+        args: &args,
+        pinning: &pinning,
+    };
+    let load_average_at_start = bench::load_average();
+    for round in 1..=args.rounds {
+        let mut order: Vec<usize> = (0..measured.len()).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for (position, index) in order.into_iter().enumerate() {
+            let configuration = &mut measured[index];
+            pinning.pin_measured(configuration.envoy.pid());
+            let run = load
+                .measure(configuration, round, position)
+                .with_context(|| format!("round {round}, `{}`", plans[configuration.plan].name))?;
+            eprintln!(
+                "round {round}/{} {:<16} {:>6.1} µs/req {:>7.0} req/s  RSS {:>5.1} MiB  {}{}",
+                args.rounds,
+                plans[configuration.plan].name,
+                run.cpu_us_per_request(),
+                run.requests_per_second(),
+                run.rss_mib(),
+                run.open_loop.as_ref().map_or(String::new(), |o| format!(
+                    "p50 {:.0} µs p99 {:.0} µs",
+                    o.p50_us, o.p99_us
+                )),
+                match run.total_errors() {
+                    0 => String::new(),
+                    errors => format!("  {errors} errors"),
+                }
+            );
+            configuration.runs.push(run);
+        }
+    }
+
+    let (harness_report, harness_raw) = match harness {
+        Ok((report, raw)) => (Ok(report), Some(raw)),
+        Err(reason) => (Err(reason), None),
+    };
+    let configurations: Vec<ConfigurationResult> = plans
+        .iter()
+        .enumerate()
+        .map(|(index, plan)| {
+            let running = measured.iter().find(|m| m.plan == index);
+            ConfigurationResult {
+                name: plan.name.clone(),
+                description: plan.description.clone(),
+                status: plan.status.clone(),
+                http_filters: running.map_or_else(
+                    || plan.variants.first().cloned().unwrap_or_default(),
+                    |m| m.filters.clone(),
+                ),
+                envoy_run_dir: running.map(|m| m.envoy.run_dir().display().to_string()),
+                runs: running.map(|m| m.runs.clone()).unwrap_or_default(),
+                harness_modules: plan.harness_modules.clone(),
+            }
+        })
+        .collect();
+    let (envoy_version, envoy_version_output) = envoy_version(&envoy_binary);
+    let (git_commit, git_dirty) = git_state();
+    let report = Report {
+        date: bench::utc_timestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        ),
+        git_commit,
+        git_dirty,
+        envoy_binary: envoy_binary.display().to_string(),
+        envoy_version,
+        envoy_version_output,
+        machine: json!({
+            "cpus": std::thread::available_parallelism().map_or(1, usize::from),
+            "clock_ticks_per_second": bench::clock_ticks_per_second(),
+            "pinned": pinning.enabled(),
+            "measured_envoy_cpu": pinning.measured_cpu(),
+            "load_side_cpus": pinning.load_cpus(),
+            "load_average_at_start": load_average_at_start,
+            "load_average_at_end": bench::load_average(),
+        }),
+        options: json!({
+            "rounds": args.rounds,
+            "warmup_s": args.warmup.as_secs_f64(),
+            "duration_s": args.duration.as_secs_f64(),
+            "rate": args.rate,
+            "latency_duration_s": args.latency_duration.as_secs_f64(),
+            "connections": args.connections,
+            "wrk_threads": args.wrk_threads,
+            "envoy_concurrency": args.concurrency,
+            "only": args.only,
+            "upstream": "a second Envoy with direct_response",
+        }),
+        request_headers: REQUEST_HEADERS
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect(),
+        configurations,
+        harness: harness_report,
+        harness_raw,
+        rate: args.rate,
+        connections: args.connections,
+    };
+    // Stop the Envoys (by pid, in Drop) before printing.
+    drop(measured);
+    drop(upstream);
+
+    println!("\n{}", report.render());
+    if let Some(parent) = args.json_out.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::write(
+        &args.json_out,
+        serde_json::to_vec_pretty(&report.to_json())?,
+    )
+    .with_context(|| format!("cannot write {}", args.json_out.display()))?;
+    println!(
+        "JSON report (every figure, the rounds' raw numbers, Envoy {}, commit {}{}): {}",
+        report.envoy_version.as_deref().unwrap_or("?"),
+        report
+            .git_commit
+            .as_deref()
+            .map_or("?", |c| &c[..c.len().min(12)]),
+        if report.git_dirty == Some(true) {
+            " + uncommitted changes"
+        } else {
+            ""
+        },
+        args.json_out.display()
+    );
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
+
+    let failed: Vec<String> = report
+        .configurations
+        .iter()
+        .filter(|c| matches!(c.status, Status::Failed(_)))
+        .map(|c| c.name.clone())
+        .collect();
+    let with_errors: Vec<String> = report
+        .configurations
+        .iter()
+        .filter(|c| c.runs.iter().any(|r| r.total_errors() > 0))
+        .map(|c| c.name.clone())
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("eastwest-bench: configurations that could not be set up: {failed:?}");
+    }
+    if !with_errors.is_empty() {
+        eprintln!(
+            "eastwest-bench: requests failed (non-2xx, socket errors or timeouts) for: \
+             {with_errors:?}"
+        );
+    }
+    Ok(failed.is_empty() && with_errors.is_empty())
+}
+
+/// The configurations in table order, with what is missing or left out marked.
+fn plans(args: &Args, noop_path: &Path) -> Vec<Plan> {
+    let module = |name: &str| -> Result<PathBuf, String> {
+        let path = args.dist.join(format!("{name}.wasm"));
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{} is missing (cargo xtask build)",
+                relative(&path).display()
+            ))
+        }
+    };
+    let label_config = json!({"direction": "outbound", "peer_trust": "any"});
+    let telemetry_config = json!({"direction": "outbound"});
+    let retry_config = json!({"mode": "client-headers"});
+    let modules = |names: &[(&str, &Value)]| -> Result<Vec<Value>, String> {
+        names
+            .iter()
+            .map(|(name, config)| Ok(wasm_filter(name, &module(name)?, (*config).clone())))
+            .collect()
+    };
+    let lua = json!({
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": LUA_BAGGAGE_CODE},
+        },
+    });
+    let eastwest_variants = module("eastwest").map(|path| {
+        [
+            json!({"direction": "outbound", "label_enrich": {"peer_trust": "any"},
+                   "telemetry": {}, "retry_budget": {"mode": "client-headers"}}),
+            json!({"label_enrich": {"direction": "outbound", "peer_trust": "any"},
+                   "telemetry": {"direction": "outbound"},
+                   "retry_budget": {"mode": "client-headers"}}),
+        ]
+        .into_iter()
+        .map(|config| vec![wasm_filter("eastwest", &path, config)])
+        .collect::<Vec<_>>()
+    });
+    let mut plans = vec![
+        plan(NO_FILTER, "Envoy alone (the reference)", Ok(vec![vec![]]), &[], Some(true)),
+        plan(
+            WASM_NOOP,
+            "a Wasm module that does nothing (wat_modules::noop_module): Envoy's Wasm floor",
+            Ok(vec![vec![wasm_filter(WASM_NOOP, noop_path, json!({}))]]),
+            &[],
+            None,
+        ),
+        plan(
+            LUA_BAGGAGE,
+            "a Lua filter appending the six ownership labels to baggage (what a user writes instead)",
+            Ok(vec![vec![lua]]),
+            &[],
+            None,
+        ),
+        plan(
+            LABEL_ENRICH,
+            "label-enrich alone {\"direction\":\"outbound\",\"peer_trust\":\"any\"}",
+            modules(&[("label-enrich", &label_config)]).map(|f| vec![f]),
+            &["label-enrich"],
+            Some(false),
+        ),
+        plan(
+            TELEMETRY,
+            "telemetry alone {\"direction\":\"outbound\"}",
+            modules(&[("telemetry", &telemetry_config)]).map(|f| vec![f]),
+            &["telemetry"],
+            None,
+        ),
+        plan(
+            RETRY_BUDGET,
+            "retry-budget alone {\"mode\":\"client-headers\"}",
+            modules(&[("retry-budget", &retry_config)]).map(|f| vec![f]),
+            &["retry-budget"],
+            None,
+        ),
+        plan(
+            CHAIN,
+            "label-enrich, telemetry, retry-budget chained, one VM each (the static sidecar's outbound listener)",
+            modules(&[
+                ("label-enrich", &label_config),
+                ("telemetry", &telemetry_config),
+                ("retry-budget", &retry_config),
+            ])
+            .map(|f| vec![f]),
+            &["label-enrich", "telemetry", "retry-budget"],
+            Some(false),
+        ),
+        plan(
+            EASTWEST,
+            "dist/eastwest.wasm with label_enrich, telemetry and retry_budget in one VM",
+            eastwest_variants,
+            &["eastwest"],
+            Some(false),
+        ),
     ];
     for (name, path) in &args.filters {
         let config = args
@@ -115,199 +487,316 @@ fn run() -> Result<()> {
             .iter()
             .find(|(config_name, _)| config_name == name)
             .map_or_else(|| json!({}), |(_, config)| config.clone());
-        let filter = wasm_filter(name, path, config);
-        configurations.push(start_configuration(name, Some(filter), &args, app_port)?);
+        plans.push(plan(
+            name,
+            &format!("{} with {config}", relative(path).display()),
+            Ok(vec![vec![wasm_filter(name, path, config)]]),
+            &[],
+            None,
+        ));
     }
-
-    if args.pin {
-        pin_cpus(&configurations);
-    }
-    eprintln!(
-        "{} configurations x {} rounds, {:?} warm-up + {:?} measured each, wrk -t{} -c{}",
-        configurations.len(),
-        args.rounds,
-        args.warmup,
-        args.duration,
-        args.wrk_threads,
-        args.connections
-    );
-    for round in 0..args.rounds {
-        let mut order: Vec<usize> = (0..configurations.len()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for index in order {
-            let configuration = &mut configurations[index];
-            if !args.warmup.is_zero() {
-                run_wrk(&wrk, &script, &configuration.url, args.warmup, &args)?;
+    if let Some(only) = &args.only {
+        for plan in &mut plans {
+            let reference = plan.name == NO_FILTER || plan.name == WASM_NOOP;
+            let extra = args.filters.iter().any(|(name, _)| *name == plan.name);
+            if !reference && !extra && !only.contains(&plan.name) {
+                plan.status = Status::Skipped;
             }
-            let result = run_wrk(&wrk, &script, &configuration.url, args.duration, &args)?;
-            eprintln!(
-                "round {}/{} {:<24} {:>10.0} rps  p99 {:>7.2} ms{}",
-                round + 1,
-                args.rounds,
-                configuration.name,
-                result.requests_per_second,
-                result.p99_ms,
-                if result.errors > 0 {
-                    format!("  {} errors", result.errors)
-                } else {
-                    String::new()
-                }
-            );
-            configuration.runs.push(result);
         }
     }
-
-    print_table(&configurations);
-    if let Some(path) = &args.json_out {
-        write_json(path, &configurations, &args)?;
-    }
-    let failed: Vec<String> = configurations
-        .iter()
-        .filter(|c| c.runs.iter().any(|run| run.errors > 0))
-        .map(|c| c.name.clone())
-        .collect();
-    // Stop the Envoys (by pid, in Drop) before reporting.
-    drop(configurations);
-    if !failed.is_empty() {
-        bail!("some requests failed (non-2xx responses or socket errors) for: {failed:?}");
-    }
-    Ok(())
+    plans
 }
 
-/// With at least two CPUs, puts every Envoy thread on the last CPU and this process (the test
-/// app, and wrk, which inherits the affinity) on the others. Envoy's worker then never
-/// competes with its own load generator, which otherwise makes runs differ by ±10%.
-fn pin_cpus(configurations: &[Configuration]) {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus < 2 {
-        eprintln!("one CPU: not pinning");
-        return;
-    }
-    let envoy_cpu = cpus - 1;
-    let mut pinned = 0;
-    for configuration in configurations {
-        pinned += set_affinity_of_all_threads(configuration.envoy.pid(), &[envoy_cpu]);
-    }
-    let others: Vec<usize> = (0..envoy_cpu).collect();
-    set_affinity_of_all_threads(std::process::id(), &others);
-    eprintln!("pinned {pinned} Envoy threads to CPU {envoy_cpu}; wrk and the test app to CPUs 0..{envoy_cpu}");
-}
-
-/// Sets the CPU affinity of every thread of `pid`; returns how many threads were pinned.
-fn set_affinity_of_all_threads(pid: u32, cpus: &[usize]) -> usize {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|task| task.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
-        .filter(|&tid| {
-            // SAFETY: `set` is a valid cpu_set_t of the size given.
-            unsafe {
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-            }
-        })
-        .count()
-}
-
-fn start_app(threads: usize) -> Result<u16> {
-    let (bound, port) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("test-app".into())
-        .spawn(move || {
-            let result = eastwest_e2e::app::run_forever(0, threads, |address| {
-                let _ = bound.send(Ok(address.port()));
-            });
-            if let Err(error) = result {
-                let _ = bound.send(Err(error));
-            }
-        })?;
-    port.recv().context("the test app thread died")?
-}
-
-fn start_configuration(
+fn plan(
     name: &str,
-    filter: Option<Value>,
-    args: &Args,
-    app_port: u16,
-) -> Result<Configuration> {
-    let listen = free_port();
-    let mut listener = ListenerBuilder::new("bench", listen, "app")
-        .traffic_direction(args.direction)
-        .stat_prefix("bench");
-    if let Some(filter) = filter {
-        listener = listener.http_filter(filter);
+    description: &str,
+    variants: Result<Vec<Vec<Value>>, String>,
+    harness_modules: &[&str],
+    peer_header_kept: Option<bool>,
+) -> Plan {
+    let (variants, status) = match variants {
+        Ok(variants) => (variants, Status::Measured),
+        Err(reason) => (Vec::new(), Status::NotBuilt(reason)),
+    };
+    Plan {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        variants,
+        status,
+        harness_modules: harness_modules.iter().map(|m| (*m).to_owned()).collect(),
+        peer_header_kept,
     }
+}
+
+fn relative(path: &Path) -> &Path {
+    path.strip_prefix(eastwest_e2e::workspace_root())
+        .unwrap_or(path)
+}
+
+/// The upstream: an Envoy answering every request itself.
+struct Upstream {
+    envoy: Envoy,
+    port: u16,
+}
+
+fn start_upstream() -> Result<Upstream> {
+    let port = free_port();
+    let mut listener = ListenerBuilder::new("upstream", port, "none")
+        .stat_prefix("upstream")
+        .build();
+    let route = listener
+        .pointer_mut(
+            "/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes/0",
+        )
+        .context("the listener builder's JSON changed: no route to replace")?;
+    *route = json!({
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}},
+        "response_headers_to_add": [
+            {"header": {"key": "x-eastwest-peer", "value": UPSTREAM_PEER_HEADER}},
+        ],
+    });
     let config = bootstrap(
-        &Node::istio_sidecar("bench-client", "bench", &[("app", "bench-client")]),
+        &Node::istio_sidecar("orders", NAMESPACE, &[("app", "orders")]),
         free_port(),
-        vec![listener.build()],
-        vec![ClusterBuilder::new("app", app_port).build()],
+        vec![listener],
+        vec![],
         &[],
     );
-    let options = EnvoyOptions {
-        concurrency: args.concurrency,
+    let envoy =
+        Envoy::start("bench-upstream", config, &envoy_options(1)).context("the upstream Envoy")?;
+    Ok(Upstream { envoy, port })
+}
+
+fn envoy_options(concurrency: u32) -> EnvoyOptions {
+    EnvoyOptions {
+        concurrency,
         log_level: "warning".into(),
         ..EnvoyOptions::default()
-    };
-    let envoy = Envoy::start(&format!("bench-{name}"), config, &options)
-        .with_context(|| format!("configuration `{name}`"))?;
-    let url = format!("http://127.0.0.1:{listen}/bench");
-    // One request first: a filter that rejects everything would otherwise be "fast".
-    let response = http_request("GET", &url, &[], "")?;
+    }
+}
+
+/// Starts the configuration's Envoy with the first filter variant it accepts and sends one
+/// request through it.
+fn start_configuration(
+    plan: &Plan,
+    args: &Args,
+    upstream_port: u16,
+) -> Result<(Envoy, String, Vec<Value>)> {
+    let mut refusals = Vec::new();
+    for (attempt, filters) in plan.variants.iter().enumerate() {
+        let listen = free_port();
+        let mut listener = ListenerBuilder::new("outbound", listen, "orders")
+            .traffic_direction(TrafficDirection::Outbound)
+            .stat_prefix("outbound")
+            // The shipped sidecar's outbound route (envoy-configs/static/).
+            .route_field("timeout", json!("5s"))
+            .retry_policy(json!({
+                "retry_on": "5xx,reset,connect-failure",
+                "num_retries": 2,
+                "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+            }))
+            .virtual_host_field("include_request_attempt_count", json!(true));
+        for filter in filters {
+            listener = listener.http_filter(filter.clone());
+        }
+        let node = Node::istio_sidecar(WORKLOAD, NAMESPACE, POD_LABELS)
+            .with_locality(Some(REGION), Some("eu-west-1a"));
+        let config = bootstrap(
+            &node,
+            free_port(),
+            vec![listener.build()],
+            vec![ClusterBuilder::new("orders", upstream_port).build()],
+            &[],
+        );
+        let name = format!("bench-{}", plan.name);
+        let envoy = match Envoy::start(&name, config, &envoy_options(args.concurrency)) {
+            Ok(envoy) => envoy,
+            Err(error) => {
+                if attempt + 1 < plan.variants.len() {
+                    eprintln!(
+                        "`{}`: Envoy refused the filter configuration variant {}; trying the \
+                         next one",
+                        plan.name,
+                        attempt + 1
+                    );
+                }
+                refusals.push(format!("{error:#}"));
+                continue;
+            }
+        };
+        let url = format!("http://127.0.0.1:{listen}/orders/42");
+        check_request(&envoy, &url, plan)?;
+        return Ok((envoy, url, filters.clone()));
+    }
+    bail!(
+        "Envoy refused every way to write its filters:\n{}",
+        refusals.join("\n---\n")
+    )
+}
+
+/// One request first: a filter that rejects everything would otherwise look fast.
+fn check_request(envoy: &Envoy, url: &str, plan: &Plan) -> Result<()> {
+    let headers: Vec<(&str, &[u8])> = REQUEST_HEADERS
+        .iter()
+        .map(|(name, value)| (*name, value.as_bytes()))
+        .collect();
+    let response = http_request("GET", url, &headers, "")?;
     if response.status != 200 {
         bail!(
-            "configuration `{name}`: a test request got status {} ({}); Envoy log in {}",
+            "a test request got status {} ({}); Envoy log in {}",
             response.status,
             response.text(),
             envoy.run_dir().display()
         );
     }
-    Ok(Configuration {
-        name: name.to_owned(),
-        envoy,
-        url,
-        runs: Vec::new(),
-    })
+    if let Some(kept) = plan.peer_header_kept {
+        let present = response.header("x-eastwest-peer").is_some();
+        if present != kept {
+            bail!(
+                "the response {} x-eastwest-peer, expected {}: is the filter running? Envoy \
+                 log in {}",
+                if present { "carries" } else { "lacks" },
+                if kept {
+                    "it"
+                } else {
+                    "label-enrich to remove it"
+                },
+                envoy.run_dir().display()
+            );
+        }
+    }
+    Ok(())
 }
 
-fn run_wrk(
-    wrk: &Path,
-    script: &Path,
-    url: &str,
-    duration: Duration,
-    args: &Args,
-) -> Result<WrkResult> {
-    let seconds = duration.as_secs().max(1);
-    let mut command = Command::new(wrk);
-    command
-        .arg(format!("-t{}", args.wrk_threads))
-        .arg(format!("-c{}", args.connections))
-        .arg(format!("-d{seconds}s"))
-        .arg("-s")
-        .arg(script)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = spawn_tied_to_process(command).context("cannot start wrk")?;
-    let output = child.wait_with_output().context("wrk failed")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk exited with {}: {}{}",
-            output.status,
-            stdout,
-            String::from_utf8_lossy(&output.stderr)
-        );
+/// wrk and the open-loop generator.
+struct LoadSide<'a> {
+    wrk: &'a Path,
+    script: &'a Path,
+    args: &'a Args,
+    pinning: &'a Pinning,
+}
+
+impl LoadSide<'_> {
+    /// One configuration in one round: warm-up, the closed-loop CPU run, RSS, the open-loop
+    /// latency run.
+    fn measure(&self, configuration: &Measured, round: usize, position: usize) -> Result<Run> {
+        let pid = configuration.envoy.pid();
+        if !self.args.warmup.is_zero() {
+            self.wrk(&configuration.url, self.args.warmup)?;
+        }
+        let measured_cpu = self.pinning.measured_cpu();
+        let busy = || measured_cpu.and_then(|cpu| bench::read_cpu_busy_ticks(cpu).ok());
+        let started = Instant::now();
+        let busy_before = busy();
+        let before = bench::read_cpu_ticks(pid)?;
+        let closed = self.wrk(&configuration.url, self.args.duration)?;
+        let after = bench::read_cpu_ticks(pid)?;
+        let busy_after = busy();
+        let wall = started.elapsed().as_secs_f64();
+        let rss_kib = bench::read_rss_kib(pid)?;
+        let ticks = bench::clock_ticks_per_second() as f64;
+        let envoy_ticks = after.saturating_sub(before);
+        // What else ran on the measured Envoy's CPU, as a share of the run's wall time.
+        let other_load_share = match (busy_before, busy_after) {
+            (Some(b), Some(a)) => Some(
+                a.saturating_sub(b).saturating_sub(envoy_ticks) as f64 / ticks / wall.max(1e-9),
+            ),
+            _ => None,
+        };
+        let open_loop = if self.args.latency_duration.is_zero() {
+            None
+        } else {
+            Some(self.open_loop(&configuration.url, pid, ticks)?)
+        };
+        Ok(Run {
+            round,
+            position,
+            cpu_seconds: envoy_ticks as f64 / ticks,
+            requests: closed.requests,
+            duration_s: closed.duration_s,
+            errors: closed.errors,
+            wrk_p50_us: closed.p50_us,
+            wrk_p99_us: closed.p99_us,
+            rss_kib,
+            other_load_share,
+            open_loop,
+        })
     }
-    parse_wrk_report(&stdout).with_context(|| format!("unexpected wrk output:\n{stdout}"))
+
+    fn wrk(&self, url: &str, duration: Duration) -> Result<WrkResult> {
+        let seconds = duration.as_secs_f64().round().max(1.0) as u64;
+        let mut command = Command::new(self.wrk);
+        command
+            .arg(format!("-t{}", self.args.wrk_threads))
+            .arg(format!("-c{}", self.args.connections))
+            .arg(format!("-d{seconds}s"))
+            .arg("-s")
+            .arg(self.script);
+        for (name, value) in REQUEST_HEADERS {
+            command.arg("-H").arg(format!("{name}: {value}"));
+        }
+        command
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = spawn_tied_to_process(command).context("cannot start wrk")?;
+        let output = child.wait_with_output().context("wrk failed")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "wrk exited with {}: {}{}",
+                output.status,
+                stdout,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        parse_wrk_report(&stdout).with_context(|| format!("unexpected wrk output:\n{stdout}"))
+    }
+
+    fn open_loop(&self, url: &str, pid: u32, ticks: f64) -> Result<OpenLoopRun> {
+        let rate = self.args.rate;
+        let duration = self.args.latency_duration;
+        let requests = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+        let mut plan = LoadPlan::new(url, requests)
+            .rate(rate)
+            .concurrency(64)
+            .max_duration(duration + Duration::from_secs(3))
+            .request_timeout(Duration::from_secs(2));
+        for (name, value) in REQUEST_HEADERS {
+            plan = plan.header(name, *value);
+        }
+        let before = bench::read_cpu_ticks(pid)?;
+        let report = load::run(&plan)?;
+        let after = bench::read_cpu_ticks(pid)?;
+        let ok: u64 = report
+            .by_status
+            .iter()
+            .filter(|(status, _)| (200..300).contains(*status))
+            .map(|(_, count)| count)
+            .sum();
+        Ok(OpenLoopRun {
+            rate,
+            sent: report.sent,
+            completed: report.completed,
+            errors: (report.completed - ok) + report.errors.total() + report.abandoned,
+            p50_us: report.latency.value_at_quantile(0.5) as f64,
+            p99_us: report.latency.value_at_quantile(0.99) as f64,
+            max_lag_us: report.max_lag.as_secs_f64() * 1e6,
+            cpu_seconds: after.saturating_sub(before) as f64 / ticks,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct WrkResult {
+    requests: u64,
+    duration_s: f64,
+    /// Non-2xx/3xx responses plus socket errors.
+    errors: u64,
+    p50_us: f64,
+    p99_us: f64,
 }
 
 fn parse_wrk_report(output: &str) -> Result<WrkResult> {
@@ -331,119 +820,150 @@ fn parse_wrk_report(output: &str) -> Result<WrkResult> {
         .map(|key| field(key))
         .sum::<Result<f64>>()?;
     Ok(WrkResult {
-        requests_per_second: field("requests")? / duration_s,
-        p50_ms: field("p50_us")? / 1000.0,
-        p99_ms: field("p99_us")? / 1000.0,
+        requests: field("requests")? as u64,
+        duration_s,
         errors: errors as u64,
+        p50_us: field("p50_us")?,
+        p99_us: field("p99_us")?,
     })
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[middle]
-    } else {
-        (values[middle - 1] + values[middle]) / 2.0
-    }
+/// Which CPUs the measured Envoys and the load side (upstream Envoy, wrk, this process) use.
+struct Pinning {
+    measured: Option<usize>,
+    load: Vec<usize>,
 }
 
-fn summary(configuration: &Configuration) -> (f64, f64, f64) {
-    let rps = median(
-        configuration
-            .runs
-            .iter()
-            .map(|r| r.requests_per_second)
-            .collect(),
-    );
-    let p50 = median(configuration.runs.iter().map(|r| r.p50_ms).collect());
-    let p99 = median(configuration.runs.iter().map(|r| r.p99_ms).collect());
-    (rps, p50, p99)
-}
+impl Pinning {
+    /// With at least two CPUs and `pin`: the last CPU for the measured Envoys, the others for
+    /// the load side.
+    fn new(pin: bool) -> Pinning {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if !pin || cpus < 2 {
+            return Pinning {
+                measured: None,
+                load: Vec::new(),
+            };
+        }
+        Pinning {
+            measured: Some(cpus - 1),
+            load: (0..cpus - 1).collect(),
+        }
+    }
 
-/// The table: median requests per second and latencies, the throughput ratio to the baseline
-/// (no filter) and to the no-op Wasm module, and the worker time each configuration adds per
-/// request over the no-op module (a saturated single worker spends 1/rps per request).
-fn print_table(configurations: &[Configuration]) {
-    let baseline_rps = summary(&configurations[0]).0;
-    let noop_rps = configurations
-        .iter()
-        .find(|c| c.name == NOOP_NAME)
-        .map(|c| summary(c).0);
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "\n{:<24} {:>11} {:>8} {:>8} {:>12} {:>13} {:>12}   rps per round",
-        "configuration",
-        "median rps",
-        "p50 ms",
-        "p99 ms",
-        "vs baseline",
-        "vs wasm-noop",
-        "µs/req added"
-    );
-    for configuration in configurations {
-        let (rps, p50, p99) = summary(configuration);
-        let rounds: Vec<String> = configuration
-            .runs
-            .iter()
-            .map(|run| format!("{:.0}", run.requests_per_second))
-            .collect();
-        let (versus_noop, added_us) = match noop_rps {
-            Some(noop) if configuration.name != "baseline" && configuration.name != NOOP_NAME => (
-                format!("{:.3}", rps / noop),
-                format!("{:.1}", (1.0 / rps - 1.0 / noop) * 1e6),
+    fn enabled(&self) -> bool {
+        self.measured.is_some()
+    }
+
+    fn measured_cpu(&self) -> Option<usize> {
+        self.measured
+    }
+
+    fn load_cpus(&self) -> &[usize] {
+        &self.load
+    }
+
+    fn describe(&self) -> String {
+        match self.measured {
+            Some(cpu) => format!(
+                "measured Envoys pinned to CPU {cpu}, upstream Envoy, wrk and the generator to \
+                 CPUs {:?}",
+                self.load
             ),
-            _ => ("-".to_string(), "-".to_string()),
-        };
-        let _ = writeln!(
-            out,
-            "{:<24} {:>11.0} {:>8.2} {:>8.2} {:>12.3} {:>13} {:>12}   {}",
-            configuration.name,
-            rps,
-            p50,
-            p99,
-            rps / baseline_rps,
-            versus_noop,
-            added_us,
-            rounds.join(" ")
-        );
+            None => "not pinned (one CPU, or --no-pin)".into(),
+        }
+    }
+
+    /// The upstream Envoy and this process (wrk and the generator inherit it).
+    fn pin_load_side(&self, upstream_pid: u32) {
+        if self.enabled() {
+            set_affinity_of_all_threads(upstream_pid, &self.load);
+            set_affinity_of_all_threads(std::process::id(), &self.load);
+        }
+    }
+
+    /// Every thread of a measured Envoy, before each of its runs (threads it started since
+    /// inherit the affinity anyway; this keeps it certain).
+    fn pin_measured(&self, pid: u32) {
+        if let Some(cpu) = self.measured {
+            set_affinity_of_all_threads(pid, &[cpu]);
+        }
     }
 }
 
-fn write_json(path: &Path, configurations: &[Configuration], args: &Args) -> Result<()> {
-    let baseline_rps = summary(&configurations[0]).0;
-    let results: Vec<Value> = configurations
-        .iter()
-        .map(|configuration| {
-            let (rps, p50, p99) = summary(configuration);
-            json!({
-                "configuration": configuration.name,
-                "median_rps": rps,
-                "median_p50_ms": p50,
-                "median_p99_ms": p99,
-                "ratio_to_baseline": rps / baseline_rps,
-                "runs": configuration.runs.iter().map(|run| json!({
-                    "rps": run.requests_per_second,
-                    "p50_ms": run.p50_ms,
-                    "p99_ms": run.p99_ms,
-                    "errors": run.errors,
-                })).collect::<Vec<_>>(),
-                "envoy_run_dir": configuration.envoy.run_dir().display().to_string(),
-            })
+/// Sets the CPU affinity of every thread of `pid`; returns how many threads were pinned.
+fn set_affinity_of_all_threads(pid: u32, cpus: &[usize]) -> usize {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| task.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|&tid| {
+            // SAFETY: `set` is a valid cpu_set_t of the size given.
+            unsafe {
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+            }
         })
-        .collect();
-    let report = json!({
-        "envoy_concurrency": args.concurrency,
-        "wrk": {"threads": args.wrk_threads, "connections": args.connections,
-                "duration_s": args.duration.as_secs().max(1)},
-        "results": results,
-    });
-    std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", path.display()))
+        .count()
+}
+
+/// The harness's report and its JSON, or why there is none.
+fn read_harness_json(path: Option<&Path>) -> Result<(HarnessReport, Value), String> {
+    let path = path.ok_or("no --harness-json given (cargo xtask bench passes one)")?;
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        format!(
+            "cannot read {} ({error}); `eastwest-harness bench --json` did not write it",
+            path.display()
+        )
+    })?;
+    let report = HarnessReport::parse(&text)
+        .map_err(|error| format!("{} is not the expected report: {error:#}", path.display()))?;
+    let raw = serde_json::from_str(&text).map_err(|error| error.to_string())?;
+    Ok((report, raw))
+}
+
+/// The release (`1.40.0`) and the full `envoy --version` line.
+fn envoy_version(binary: &Path) -> (Option<String>, Option<String>) {
+    let Ok(output) = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return (None, None);
+    };
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let line = text
+        .lines()
+        .find(|line| line.contains("version:"))
+        .map(|line| line.trim().to_owned());
+    (bench::parse_envoy_version(&text), line)
+}
+
+/// `git rev-parse HEAD` and whether tracked files differ from it.
+fn git_state() -> (Option<String>, Option<bool>) {
+    let git = |args: &[&str]| -> Option<String> {
+        let output = Command::new("git")
+            .args(args)
+            .current_dir(eastwest_e2e::workspace_root())
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let commit = git(&["rev-parse", "HEAD"]).map(|c| c.trim().to_owned());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.trim().is_empty());
+    (commit, dirty)
 }
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
@@ -474,21 +994,28 @@ fn parse_duration(text: &str) -> Result<Duration> {
 }
 
 fn parse_args() -> Result<Args> {
+    parse_args_from(std::env::args().skip(1))
+}
+
+fn parse_args_from(raw: impl IntoIterator<Item = String>) -> Result<Args> {
     let mut args = Args {
+        rounds: 3,
+        duration: Duration::from_secs(8),
+        warmup: Duration::from_secs(2),
+        rate: 2000.0,
+        latency_duration: Duration::from_secs(4),
+        connections: 16,
+        wrk_threads: 1,
+        concurrency: 1,
+        only: None,
+        dist: eastwest_e2e::workspace_root().join("dist"),
+        harness_json: None,
+        json_out: eastwest_e2e::workspace_root().join("target/bench/bench.json"),
+        pin: true,
         filters: Vec::new(),
         configs: Vec::new(),
-        duration: Duration::from_secs(10),
-        warmup: Duration::from_secs(2),
-        rounds: 3,
-        connections: 32,
-        wrk_threads: 2,
-        direction: TrafficDirection::Outbound,
-        concurrency: 1,
-        app_threads: 1,
-        json_out: None,
-        pin: true,
     };
-    let mut raw = std::env::args().skip(1);
+    let mut raw = raw.into_iter();
     while let Some(flag) = raw.next() {
         if flag == "-h" || flag == "--help" {
             println!("{USAGE}");
@@ -507,7 +1034,39 @@ fn parse_args() -> Result<Args> {
                 .or_else(|| raw.next())
                 .with_context(|| format!("{flag} needs a value\n{USAGE}"))
         };
+        fn number<T: std::str::FromStr>(flag: &str, text: String) -> Result<T> {
+            text.parse()
+                .map_err(|_| anyhow::anyhow!("{flag}: {text:?} is not a number"))
+        }
         match flag.as_str() {
+            "--rounds" => args.rounds = number(&flag, value()?)?,
+            "--duration" => args.duration = parse_duration(&value()?)?,
+            "--warmup" => args.warmup = parse_duration(&value()?)?,
+            "--rate" => args.rate = number(&flag, value()?)?,
+            "--latency-duration" => args.latency_duration = parse_duration(&value()?)?,
+            "--connections" => args.connections = number(&flag, value()?)?,
+            "--wrk-threads" => args.wrk_threads = number(&flag, value()?)?,
+            "--concurrency" => args.concurrency = number(&flag, value()?)?,
+            "--only" => {
+                let names: Vec<String> = value()?
+                    .split(',')
+                    .map(|name| name.trim().to_owned())
+                    .filter(|name| !name.is_empty())
+                    .collect();
+                for name in &names {
+                    if !bench::CONFIGURATIONS.contains(&name.as_str()) {
+                        bail!(
+                            "--only {name}: no such configuration (one of {})",
+                            bench::CONFIGURATIONS.join(", ")
+                        );
+                    }
+                }
+                args.only = Some(names);
+            }
+            "--dist" => args.dist = std::path::absolute(value()?)?,
+            "--harness-json" => args.harness_json = Some(PathBuf::from(value()?)),
+            "--json-out" => args.json_out = PathBuf::from(value()?),
+            "--no-pin" => args.pin = false,
             "--filter" => {
                 let value = value()?;
                 let (name, path) = value
@@ -518,7 +1077,9 @@ fn parse_args() -> Result<Args> {
                 if !path.is_file() {
                     bail!("--filter {name}: {} does not exist", path.display());
                 }
-                if name == "baseline" || args.filters.iter().any(|(other, _)| other == name) {
+                if bench::CONFIGURATIONS.contains(&name)
+                    || args.filters.iter().any(|(other, _)| other == name)
+                {
                     bail!("--filter {name}: duplicate or reserved name");
                 }
                 args.filters.push((name.to_owned(), path));
@@ -532,30 +1093,6 @@ fn parse_args() -> Result<Args> {
                     .with_context(|| format!("--config {name}: not valid JSON"))?;
                 args.configs.push((name.to_owned(), config));
             }
-            "--duration" => args.duration = parse_duration(&value()?)?,
-            "--warmup" => args.warmup = parse_duration(&value()?)?,
-            "--rounds" => args.rounds = value()?.parse().context("--rounds: not a number")?,
-            "--connections" => {
-                args.connections = value()?.parse().context("--connections: not a number")?
-            }
-            "--wrk-threads" => {
-                args.wrk_threads = value()?.parse().context("--wrk-threads: not a number")?
-            }
-            "--concurrency" => {
-                args.concurrency = value()?.parse().context("--concurrency: not a number")?
-            }
-            "--app-threads" => {
-                args.app_threads = value()?.parse().context("--app-threads: not a number")?
-            }
-            "--direction" => {
-                args.direction = match value()?.as_str() {
-                    "outbound" => TrafficDirection::Outbound,
-                    "inbound" => TrafficDirection::Inbound,
-                    other => bail!("--direction {other}: expected outbound or inbound"),
-                }
-            }
-            "--json-out" => args.json_out = Some(PathBuf::from(value()?)),
-            "--no-pin" => args.pin = false,
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -567,6 +1104,15 @@ fn parse_args() -> Result<Args> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    if args.duration.is_zero() {
+        bail!("--duration must be more than zero");
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    if args.connections == 0 || args.wrk_threads == 0 || args.wrk_threads > args.connections {
+        bail!("--connections and --wrk-threads must be positive, with no more threads than connections");
+    }
     Ok(args)
 }
 
@@ -574,14 +1120,20 @@ fn parse_args() -> Result<Args> {
 mod tests {
     use super::*;
 
+    fn parse(args: &[&str]) -> Result<Args> {
+        parse_args_from(args.iter().map(|a| a.to_string()))
+    }
+
     #[test]
     fn parses_the_wrk_report_line() {
         let output = "Running 1s test\nEASTWEST_WRK requests=20000 duration_us=2000000 connect=0 \
                       read=1 write=0 status=2 timeout=0 p50_us=450 p99_us=2500\n";
         let result = parse_wrk_report(output).unwrap();
-        assert_eq!(result.requests_per_second, 10000.0);
-        assert_eq!(result.p99_ms, 2.5);
+        assert_eq!(result.requests, 20_000);
+        assert_eq!(result.duration_s, 2.0);
+        assert_eq!(result.p99_us, 2500.0);
         assert_eq!(result.errors, 3);
+        assert!(parse_wrk_report("Running 1s test\n").is_err());
     }
 
     #[test]
@@ -594,8 +1146,140 @@ mod tests {
     }
 
     #[test]
-    fn medians() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    fn defaults_fit_ten_minutes_and_options_override_them() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.rounds, 3);
+        assert_eq!(args.duration, Duration::from_secs(8));
+        assert_eq!(args.rate, 2000.0);
+        assert_eq!(args.connections, 16);
+        assert!(args.json_out.ends_with("target/bench/bench.json"));
+        // 8 configurations x 3 rounds x (2 s + 8 s + 4 s) = 5.6 min of load.
+        let per_run = args.warmup + args.duration + args.latency_duration;
+        assert!(per_run * 8 * args.rounds as u32 <= Duration::from_secs(400));
+
+        let args = parse(&[
+            "--rounds=5",
+            "--duration",
+            "20s",
+            "--rate",
+            "500",
+            "--only",
+            "eastwest-all,chain-3-modules",
+            "--json-out",
+            "/tmp/b.json",
+            "--no-pin",
+        ])
+        .unwrap();
+        assert_eq!(args.rounds, 5);
+        assert_eq!(args.duration, Duration::from_secs(20));
+        assert_eq!(args.rate, 500.0);
+        assert_eq!(
+            args.only,
+            Some(vec![
+                "eastwest-all".to_string(),
+                "chain-3-modules".to_string()
+            ])
+        );
+        assert_eq!(args.json_out, PathBuf::from("/tmp/b.json"));
+        assert!(!args.pin);
+
+        assert!(parse(&["--only", "label-enrich,nope"]).is_err());
+        assert!(parse(&["--rounds", "0"]).is_err());
+        assert!(parse(&["--rate", "-1"]).is_err());
+        assert!(parse(&["--surprise"]).is_err());
+        assert!(parse(&["--config", "x={}"]).is_err());
+    }
+
+    #[test]
+    fn only_keeps_the_references_and_marks_the_rest_skipped() {
+        let mut args = parse(&["--only", "telemetry"]).unwrap();
+        args.dist = PathBuf::from("/nonexistent");
+        let plans = plans(&args, Path::new("/tmp/noop.wasm"));
+        let status = |name: &str| {
+            plans
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap()
+                .status
+                .clone()
+        };
+        assert_eq!(status(NO_FILTER), Status::Measured);
+        assert_eq!(status(WASM_NOOP), Status::Measured);
+        assert_eq!(status(LUA_BAGGAGE), Status::Skipped);
+        assert_eq!(status(CHAIN), Status::Skipped);
+        // Asked for, but not built.
+        assert!(
+            matches!(status(TELEMETRY), Status::NotBuilt(reason) if reason.contains("telemetry.wasm"))
+        );
+    }
+
+    #[test]
+    fn the_chain_runs_the_three_modules_in_the_sidecars_order_one_vm_each() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["label-enrich", "telemetry", "retry-budget", "eastwest"] {
+            std::fs::write(dir.path().join(format!("{name}.wasm")), b"\0asm").unwrap();
+        }
+        let mut args = parse(&[]).unwrap();
+        args.dist = dir.path().to_path_buf();
+        let plans = plans(&args, Path::new("/tmp/noop.wasm"));
+        let names: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, bench::CONFIGURATIONS);
+        let chain = plans.iter().find(|p| p.name == CHAIN).unwrap();
+        let filters = &chain.variants[0];
+        let vm_ids: Vec<&str> = filters
+            .iter()
+            .map(|f| {
+                f["typed_config"]["config"]["vm_config"]["vm_id"]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(vm_ids, ["label-enrich", "telemetry", "retry-budget"]);
+        let config = |filter: &Value| -> Value {
+            serde_json::from_str(
+                filter["typed_config"]["config"]["configuration"]["value"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            config(&filters[0]),
+            json!({"direction": "outbound", "peer_trust": "any"})
+        );
+        assert_eq!(config(&filters[1]), json!({"direction": "outbound"}));
+        assert_eq!(config(&filters[2]), json!({"mode": "client-headers"}));
+        let eastwest = plans.iter().find(|p| p.name == EASTWEST).unwrap();
+        assert_eq!(eastwest.status, Status::Measured);
+        assert_eq!(eastwest.variants.len(), 2);
+        assert_eq!(
+            config(&eastwest.variants[0][0])["direction"],
+            json!("outbound")
+        );
+        assert_eq!(
+            config(&eastwest.variants[1][0])["telemetry"]["direction"],
+            json!("outbound")
+        );
+        let lua = plans.iter().find(|p| p.name == LUA_BAGGAGE).unwrap();
+        let code = lua.variants[0][0]["typed_config"]["default_source_code"]["inline_string"]
+            .as_str()
+            .unwrap();
+        for key in [
+            "service.name=",
+            "k8s.namespace.name=",
+            "deployment.environment.name=",
+            "cloud.region=",
+            "eastwest.team=",
+            "service.criticality=",
+        ] {
+            assert!(code.contains(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn requests_carry_eight_headers_with_baggage() {
+        // Host is added by wrk and the generator.
+        assert_eq!(REQUEST_HEADERS.len() + 1, 8);
+        assert!(REQUEST_HEADERS.contains(&("baggage", "userid=7")));
     }
 }
