@@ -30,9 +30,12 @@ Commands:
           against real Envoy 1.40.0
             --skip-e2e   everything but the end-to-end tests (no Envoy needed)
             --only-e2e   only the wasm build and the end-to-end tests
-  bench   load-test the filters inside real Envoy with wrk; arguments after `--` go to
-          the benchmark, e.g. `cargo xtask bench -- --duration 30s`; then prints the
-          harness's figures (`eastwest-harness bench`: requests/s, instructions/request)
+  bench   what each filter costs one Envoy sidecar: CPU µs per request added over no
+          filter (and as a share of Envoy's own), RSS, p50/p99 added at 2,000 req/s, wasm
+          instructions per request, for no filter, a no-op Wasm module, a Lua equivalent,
+          each module, the three chained and dist/eastwest.wasm, next to DESIGN.md §8's
+          targets; writes target/bench/bench.json; ~7 min; options after `--`, e.g.
+          `cargo xtask bench -- --rounds 5 --only eastwest-all` (see `bench --help`)
   demo    a small east-west mesh on 127.0.0.1 (four services, each behind an Envoy sidecar
           with the three filters, mTLS between them) under traffic, with an outage partway
           through; prints a summary and writes target/demo/report.html
