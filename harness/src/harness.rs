@@ -43,6 +43,10 @@ pub struct Options {
     pub clusters: Vec<String>,
     /// WASI environment (Envoy's `vm_config.environment_variables`).
     pub env: Vec<(String, String)>,
+    /// Profile the module ([`Harness::profile`]): instrument it before compiling, and count the
+    /// callbacks of this scope. Instructions per callback and stream stay those of the module
+    /// as it is.
+    pub profile: Option<crate::profile::ProfileScope>,
 }
 
 impl Default for Options {
@@ -60,6 +64,7 @@ impl Default for Options {
             fuel_per_callback: 1_000_000_000,
             clusters: Vec::new(),
             env: Vec::new(),
+            profile: None,
         }
     }
 }
@@ -206,6 +211,18 @@ pub struct StreamResult {
     pub complete: bool,
 }
 
+impl StreamResult {
+    /// Instructions by callback name (`proxy_on_request_headers`, `proxy_on_log`, ...), summed
+    /// over the callback's calls; they add up to `instructions`.
+    pub fn instructions_by_callback(&self) -> BTreeMap<String, u64> {
+        let mut by_callback = BTreeMap::new();
+        for (name, spent) in &self.callbacks {
+            *by_callback.entry(name.clone()).or_insert(0) += spent;
+        }
+        by_callback
+    }
+}
+
 pub type StreamId = usize;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -342,6 +359,8 @@ pub struct Harness {
     pub root_http_calls: Vec<HttpCallRecord>,
     /// Instructions spent in VM start and configuration, per worker.
     pub startup_instructions: Vec<u64>,
+    /// Function names of a profiled module.
+    profile_names: Option<Vec<String>>,
 }
 
 impl Harness {
@@ -356,7 +375,17 @@ impl Harness {
             ));
         }
         let engine = engine()?;
-        let module = compile(&engine, wasm)?;
+        let (module, profile_names, imported_funcs) = match options.profile {
+            None => (compile(&engine, wasm)?, None, 0),
+            Some(_) => {
+                let instrumented = crate::profile::instrument(wasm)?;
+                (
+                    compile(&engine, &instrumented.wasm)?,
+                    Some(instrumented.names),
+                    instrumented.imported_funcs,
+                )
+            }
+        };
         let abi = [
             "proxy_abi_version_0_2_1",
             "proxy_abi_version_0_2_0",
@@ -369,6 +398,7 @@ impl Harness {
         }
         let mut linker: Linker<VmState> = Linker::new(&engine);
         host::define(&mut linker).map_err(|e| HarnessError(format!("linker: {e}")))?;
+        crate::profile::define(&mut linker).map_err(|e| HarnessError(format!("linker: {e}")))?;
         let shared = Rc::new(RefCell::new(Shared {
             now_ns: EPOCH_NS,
             log_level: options.log_level,
@@ -388,6 +418,7 @@ impl Harness {
             traps: Vec::new(),
             root_http_calls: Vec::new(),
             startup_instructions: Vec::new(),
+            profile_names,
         };
         for index in 0..options.workers.max(1) {
             let mut state = VmState::new(shared.clone(), index);
@@ -397,6 +428,9 @@ impl Harness {
             state.vm_config = options.vm_config.clone();
             state.plugin_config = options.config.clone();
             state.env = options.env.clone();
+            if options.profile.is_some() {
+                state.profile = Some(Box::new(crate::profile::Recorder::new(imported_funcs)));
+            }
             let mut store = Store::new(&engine, state);
             store.set_fuel(options.fuel_per_callback).ok();
             let instance = linker
@@ -537,15 +571,31 @@ impl Harness {
             .map(|a| Val::I32(*a))
             .collect();
         let mut results = vec![Val::I32(0); ty.results().len()];
+        let recording = match self.options.profile {
+            Some(crate::profile::ProfileScope::Everything) => true,
+            Some(crate::profile::ProfileScope::Streams) => stream.is_some(),
+            None => false,
+        };
         {
             let state = w.store.data_mut();
             state.current_context = args.first().copied().unwrap_or(0) as u32;
             state.effective_context = 0;
             state.stop_iteration = false;
+            if let Some(recorder) = state.profile.as_mut() {
+                recorder.begin(fuel, recording);
+            }
         }
         w.store.set_fuel(fuel).ok();
         let outcome = func.call(&mut w.store, &params, &mut results);
-        let spent = fuel - w.store.get_fuel().unwrap_or(0);
+        let remaining = w.store.get_fuel().unwrap_or(0);
+        let mut spent = fuel - remaining;
+        if let Some(recorder) = w.store.data_mut().profile.as_mut() {
+            // The profiler's hooks are not the module's instructions.
+            spent = spent.saturating_sub(recorder.end(remaining));
+            if recorder.recording() {
+                recorder.count_callback(name, spent);
+            }
+        }
         let stop = std::mem::take(&mut w.store.data_mut().stop_iteration);
         match stream {
             Some(id) => {
@@ -1318,6 +1368,11 @@ impl Harness {
         result
     }
 
+    /// The instructions of a stream's callbacks so far (as `result(id).instructions`, cheaper).
+    pub fn instructions(&self, id: StreamId) -> u64 {
+        self.streams[id].result.instructions
+    }
+
     /// Log lines not written by a stream context (VM start, configure, ticks, root callbacks).
     pub fn root_logs(&self) -> Vec<LogEntry> {
         let shared = self.shared.borrow();
@@ -1367,6 +1422,27 @@ impl Harness {
             .filter(|((vm, _), _)| *vm == self.options.vm_id)
             .map(|((_, key), value)| (key.clone(), value.clone()))
             .collect()
+    }
+
+    /// The profile so far (every worker's VM), when `Options::profile` is set.
+    pub fn profile(&self) -> Option<crate::profile::Profile> {
+        let names = self.profile_names.as_ref()?;
+        let mut profile = crate::profile::Profile::default();
+        for worker in &self.workers {
+            if let Some(recorder) = worker.store.data().profile.as_ref() {
+                recorder.add_to(names, &mut profile);
+            }
+        }
+        Some(profile)
+    }
+
+    /// Forgets what the profile counted so far (after warm-up requests).
+    pub fn reset_profile(&mut self) {
+        for worker in &mut self.workers {
+            if let Some(recorder) = worker.store.data_mut().profile.as_mut() {
+                recorder.reset();
+            }
+        }
     }
 
     /// Whether a worker's VM failed (trapped).

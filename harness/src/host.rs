@@ -141,6 +141,8 @@ pub struct VmState {
     pub pending_done: bool,
     pub done_called: bool,
     pub call_data: Vec<u8>,
+    /// The profiler's call tree, when the module was instrumented (`Options::profile`).
+    pub profile: Option<Box<crate::profile::Recorder>>,
 }
 
 impl VmState {
@@ -174,6 +176,7 @@ impl VmState {
             pending_done: false,
             done_called: false,
             call_data: Vec::new(),
+            profile: None,
         }
     }
 

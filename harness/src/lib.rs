@@ -7,6 +7,7 @@ pub mod harness;
 pub mod host;
 pub mod metrics;
 pub mod probe;
+pub mod profile;
 pub mod properties;
 pub mod scenario;
 
@@ -16,3 +17,4 @@ pub use harness::{
 };
 pub use host::LogEntry;
 pub use metrics::MetricSnapshot;
+pub use profile::{Profile, ProfileScope};

@@ -173,6 +173,10 @@ pub struct Overrides {
     pub config: Option<Vec<u8>>,
     pub workers: Option<usize>,
     pub root_id: Option<String>,
+    /// Profile the run (`eastwest-harness profile`).
+    pub profile: Option<crate::profile::ProfileScope>,
+    /// Streams run before the profile starts counting (warm-up).
+    pub profile_warmup: usize,
 }
 
 pub fn parse(text: &str) -> Result<Scenario, HarnessError> {
@@ -221,6 +225,7 @@ pub fn run(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        profile: overrides.profile,
         ..Options::default()
     };
     options.plugin_name = options.root_id.clone();
@@ -245,6 +250,9 @@ pub fn run(
             )));
         }
         harness.advance(stream.advance_ms);
+        if overrides.profile_warmup > 0 && index == overrides.profile_warmup {
+            harness.reset_profile();
+        }
         let upstream = stream
             .upstream
             .as_ref()
