@@ -996,10 +996,7 @@ impl Report {
                     push_line(out, format!("{name:<name_width$}│ not built: {reason}"));
                     continue;
                 }
-                Status::Skipped => {
-                    push_line(out, format!("{name:<name_width$}│ skipped (--only)"));
-                    continue;
-                }
+                Status::Skipped => continue,
                 Status::Failed(reason) => {
                     let first = reason.lines().next().unwrap_or_default();
                     push_line(out, format!("{name:<name_width$}│ FAILED: {first}"));
@@ -1058,6 +1055,15 @@ impl Report {
                 line.push(' ');
             }
             push_line(out, line);
+        }
+        let skipped: Vec<&str> = self
+            .configurations
+            .iter()
+            .filter(|c| c.status == Status::Skipped)
+            .map(|c| c.name.as_str())
+            .collect();
+        if !skipped.is_empty() {
+            push_line(out, format!("left out (--only): {}", skipped.join(", ")));
         }
         push_line(
             out,
@@ -1185,13 +1191,24 @@ impl Report {
             out,
             "Targets (DESIGN.md §8; a missed target does not fail the benchmark):".into(),
         );
-        let results = self.target_results();
+        let all = self.target_results();
+        // Targets of configurations left out with --only are in the JSON, not on screen.
+        let results: Vec<&TargetResult> = all
+            .iter()
+            .filter(|r| {
+                !self
+                    .configurations
+                    .iter()
+                    .any(|c| c.name == r.target.configuration && c.status == Status::Skipped)
+            })
+            .collect();
         let width = results
             .iter()
             .map(|r| r.target.configuration.len())
             .max()
             .unwrap_or(0);
         for result in &results {
+            let result = *result;
             let value = result
                 .value
                 .map_or_else(|| "–".to_owned(), |v| result.target.figure.format(v));
@@ -1727,6 +1744,34 @@ mod tests {
             json["harness"]["reason"],
             "eastwest-harness bench wrote no JSON"
         );
+    }
+
+    #[test]
+    fn configurations_left_out_are_listed_once_and_their_targets_stay_in_the_json() {
+        let mut report = sample_report(Err("none".into()));
+        report.configurations.push(configuration(
+            RETRY_BUDGET,
+            Status::Skipped,
+            vec![],
+            &["retry-budget"],
+        ));
+        report.configurations.push(configuration(
+            CHAIN,
+            Status::Failed("Envoy refused it\nlong log".into()),
+            vec![],
+            &[],
+        ));
+        let text = report.render();
+        assert!(text.contains("left out (--only): retry-budget"), "{text}");
+        assert!(!text.contains("retry-budget     CPU"), "{text}");
+        assert!(text.contains("FAILED: Envoy refused it\n"), "{text}");
+        let json = report.to_json();
+        assert!(json["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["configuration"] == RETRY_BUDGET && t["note"] == "skipped (--only)"));
+        assert_eq!(json["configurations"][6]["status"], "failed");
     }
 
     #[test]
