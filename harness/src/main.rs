@@ -1,19 +1,32 @@
 //! `eastwest-harness run FILTER.wasm --scenario SCENARIO.yaml [--config CONFIG.json]
 //! [--workers N] [--root-id ID] [--prometheus]`
-//! `eastwest-harness bench [--modules DIR] [--requests N]``
+//! `eastwest-harness profile FILTER.wasm --scenario SCENARIO.yaml [--config CONFIG.json]
+//! [--out PATH] [--top N] [--warmup N] [--all] [--workers N] [--root-id ID]`
+//! `eastwest-harness bench [--modules DIR] [--requests N] [--config NAME=JSON]... [--json PATH]`
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use eastwest_harness::scenario::{self, Overrides};
+use eastwest_harness::profile::ProfileScope;
+use eastwest_harness::scenario::{self, Overrides, Scenario};
 
 const USAGE: &str = "usage: eastwest-harness run FILTER.wasm --scenario SCENARIO.yaml \
 [--config CONFIG.json] [--workers N] [--root-id ID] [--prometheus]
-       eastwest-harness bench [--modules DIR] [--requests N]
-         requests per second through a no-op filter on one core, and requests per second and
-         wasm instructions per request of every DIR/*.wasm (default dist/), outbound and inbound";
+       eastwest-harness profile FILTER.wasm --scenario SCENARIO.yaml [--config CONFIG.json]
+         [--out PATH] [--top N] [--warmup N] [--all] [--workers N] [--root-id ID]
+         the functions that execute the most wasm instructions in the scenario's streams (exact
+         counts, self and inclusive), and a folded-stacks file for flame graphs (default
+         target/profile/<module>.<scenario>.folded, or next to the scenario without ./target)
+       eastwest-harness bench [--modules DIR] [--requests N] [--config NAME=JSON]... [--json PATH]
+         requests per second through a no-op filter on one core, then for every DIR/*.wasm
+         (default dist/), outbound and inbound, wasm instructions per typical request (median
+         and maximum over the run, and per callback) against DESIGN.md's targets";
 
 /// Requests timed through the no-op filter by default (a quarter of that through each module).
 const DEFAULT_BENCH_REQUESTS: usize = 20_000;
+/// Functions listed by `profile` by default.
+const DEFAULT_TOP: usize = 25;
 
 /// Exit codes: 0 success, 1 a guest trap, 2 usage or bad scenario, 3 bad module or start failure.
 fn main() -> ExitCode {
@@ -27,17 +40,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> Result<ExitCode, (u8, String)> {
-    let usage = |message: &str| (2u8, format!("{message}\n{USAGE}"));
-    let mut iter = args.iter();
-    match iter.next().map(String::as_str) {
-        Some("run") => {}
-        Some("bench") => return bench(&args[1..]),
-        Some("-h" | "--help") | None => return Err(usage("")),
-        Some(other) => return Err(usage(&format!("unknown command {other:?}"))),
+type Failure = (u8, String);
+
+fn usage(message: &str) -> Failure {
+    (2, format!("{message}\n{USAGE}"))
+}
+
+fn run(args: &[String]) -> Result<ExitCode, Failure> {
+    match args.first().map(String::as_str) {
+        Some("run") => run_scenario(&args[1..]),
+        Some("profile") => profile(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("-h" | "--help") | None => Err(usage("")),
+        Some(other) => Err(usage(&format!("unknown command {other:?}"))),
     }
-    let (mut wasm, mut scenario_path, mut overrides, mut prometheus) =
-        (None, None, Overrides::default(), false);
+}
+
+/// What `run` and `profile` share: the module, the scenario and the overrides.
+struct ScenarioArgs {
+    wasm_path: String,
+    scenario_path: String,
+    overrides: Overrides,
+    /// Flags the command handles itself, with their values.
+    extra: Vec<(String, Option<String>)>,
+}
+
+/// Parses `FILTER.wasm --scenario S [--config C] [--workers N] [--root-id ID]` plus the
+/// command's own flags (`flags`: name, whether it takes a value).
+fn scenario_args(args: &[String], flags: &[(&str, bool)]) -> Result<ScenarioArgs, Failure> {
+    let (mut wasm, mut scenario_path, mut overrides, mut extra) =
+        (None, None, Overrides::default(), Vec::new());
+    let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let mut value = |name: &str| {
             iter.next()
@@ -60,26 +93,62 @@ fn run(args: &[String]) -> Result<ExitCode, (u8, String)> {
                 );
             }
             "--root-id" => overrides.root_id = Some(value("--root-id")?),
-            "--prometheus" => prometheus = true,
-            other if !other.starts_with("--") && wasm.is_none() => wasm = Some(other.to_string()),
-            other => return Err(usage(&format!("unknown argument {other:?}"))),
+            other => match flags.iter().find(|(name, _)| *name == other) {
+                Some((name, true)) => extra.push((name.to_string(), Some(value(name)?))),
+                Some((name, false)) => extra.push((name.to_string(), None)),
+                None if !other.starts_with("--") && wasm.is_none() => {
+                    wasm = Some(other.to_string())
+                }
+                None => return Err(usage(&format!("unknown argument {other:?}"))),
+            },
         }
     }
-    let wasm_path = wasm.ok_or_else(|| usage("missing FILTER.wasm"))?;
-    let scenario_path = scenario_path.ok_or_else(|| usage("missing --scenario"))?;
-    let bytes =
-        std::fs::read(&wasm_path).map_err(|e| (3, format!("cannot read {wasm_path}: {e}")))?;
-    let text = std::fs::read_to_string(&scenario_path)
-        .map_err(|e| (2, format!("cannot read {scenario_path}: {e}")))?;
-    let scenario = scenario::parse(&text).map_err(|e| (2, format!("{scenario_path}: {e}")))?;
-    let (harness, output) = scenario::run(&bytes, &scenario, overrides).map_err(|e| {
-        let code = if e.0.starts_with("bad scenario") {
-            2
-        } else {
-            3
-        };
-        (code, e.0)
-    })?;
+    Ok(ScenarioArgs {
+        wasm_path: wasm.ok_or_else(|| usage("missing FILTER.wasm"))?,
+        scenario_path: scenario_path.ok_or_else(|| usage("missing --scenario"))?,
+        overrides,
+        extra,
+    })
+}
+
+fn load(args: &ScenarioArgs) -> Result<(Vec<u8>, Scenario), Failure> {
+    let bytes = std::fs::read(&args.wasm_path)
+        .map_err(|e| (3, format!("cannot read {}: {e}", args.wasm_path)))?;
+    let path = &args.scenario_path;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| (2, format!("cannot read {path}: {e}")))?;
+    let scenario = scenario::parse(&text).map_err(|e| (2, format!("{path}: {e}")))?;
+    Ok((bytes, scenario))
+}
+
+fn run_failure(e: eastwest_harness::HarnessError) -> Failure {
+    let code = if e.0.starts_with("bad scenario") {
+        2
+    } else {
+        3
+    };
+    (code, e.0)
+}
+
+fn trap_failure(traps: &[eastwest_harness::TrapRecord]) -> Result<ExitCode, Failure> {
+    match traps.first() {
+        Some(trap) => Err((
+            1,
+            format!(
+                "the filter trapped in {} on worker {}: {}",
+                trap.callback, trap.worker, trap.message
+            ),
+        )),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn run_scenario(args: &[String]) -> Result<ExitCode, Failure> {
+    let args = scenario_args(args, &[("--prometheus", false)])?;
+    let prometheus = !args.extra.is_empty();
+    let (bytes, scenario) = load(&args)?;
+    let (harness, output) =
+        scenario::run(&bytes, &scenario, args.overrides).map_err(run_failure)?;
     if prometheus {
         let tags: Vec<(String, String)> = scenario
             .stats_tags
@@ -93,21 +162,128 @@ fn run(args: &[String]) -> Result<ExitCode, (u8, String)> {
             serde_json::to_string_pretty(&output).map_err(|e| (3, e.to_string()))?
         );
     }
-    if let Some(trap) = output.traps.first() {
-        return Err((
-            1,
-            format!(
-                "the filter trapped in {} on worker {}: {}",
-                trap.callback, trap.worker, trap.message
-            ),
-        ));
-    }
-    Ok(ExitCode::SUCCESS)
+    trap_failure(&output.traps)
 }
 
-fn bench(args: &[String]) -> Result<ExitCode, (u8, String)> {
-    let usage = |message: &str| (2u8, format!("{message}\n{USAGE}"));
-    let (mut modules, mut requests) = ("dist".to_string(), DEFAULT_BENCH_REQUESTS);
+fn file_stem(path: &str) -> String {
+    Path::new(path)
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "profile".into())
+}
+
+/// `target/profile/<module>.<scenario>.folded` when the current directory has a `target/`
+/// (a cargo workspace), else `<module>.<scenario>.folded` next to the scenario.
+fn default_profile_path(wasm_path: &str, scenario_path: &str) -> PathBuf {
+    let file = format!(
+        "{}.{}.folded",
+        file_stem(wasm_path),
+        file_stem(scenario_path)
+    );
+    if Path::new("target").is_dir() {
+        Path::new("target").join("profile").join(file)
+    } else {
+        Path::new(scenario_path)
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(file)
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+fn profile(args: &[String]) -> Result<ExitCode, Failure> {
+    let mut args = scenario_args(
+        args,
+        &[
+            ("--out", true),
+            ("--top", true),
+            ("--warmup", true),
+            ("--all", false),
+        ],
+    )?;
+    let (mut out, mut top, mut warmup, mut scope) =
+        (None, DEFAULT_TOP, 0usize, ProfileScope::Streams);
+    for (flag, value) in std::mem::take(&mut args.extra) {
+        let value = value.unwrap_or_default();
+        let number = |value: &str| {
+            value
+                .parse::<usize>()
+                .map_err(|_| usage(&format!("{flag}: not a number: {value}")))
+        };
+        match flag.as_str() {
+            "--out" => out = Some(PathBuf::from(value)),
+            "--top" => top = number(&value)?,
+            "--warmup" => warmup = number(&value)?,
+            _ => scope = ProfileScope::Everything,
+        }
+    }
+    let (bytes, scenario) = load(&args)?;
+    if warmup > 0 && warmup >= scenario.streams.len() {
+        return Err(usage(&format!(
+            "--warmup {warmup}: the scenario has {} streams, so none would be profiled",
+            scenario.streams.len()
+        )));
+    }
+    let out = out.unwrap_or_else(|| default_profile_path(&args.wasm_path, &args.scenario_path));
+    args.overrides.profile = Some(scope);
+    args.overrides.profile_warmup = warmup;
+    let (harness, output) =
+        scenario::run(&bytes, &scenario, args.overrides).map_err(run_failure)?;
+    let profile = harness
+        .profile()
+        .ok_or_else(|| (3, "the harness kept no profile".to_string()))?;
+    let streams = &output.streams[warmup..];
+    let stream_instructions: u64 = streams.iter().map(|s| s.instructions).sum();
+    let total = profile.total();
+    println!(
+        "eastwest-harness profile: {} with {}",
+        args.wasm_path, args.scenario_path
+    );
+    let warmed = if warmup > 0 {
+        format!(" after {}", plural(warmup, "warm-up stream"))
+    } else {
+        String::new()
+    };
+    let profiled = plural(streams.len(), "stream");
+    match scope {
+        ProfileScope::Streams => println!(
+            "{profiled}{warmed}: {total} instructions (the sum of their `instructions`: \
+             {stream_instructions})"
+        ),
+        ProfileScope::Everything => println!(
+            "every callback{warmed}: {total} instructions ({profiled}: {stream_instructions})"
+        ),
+    }
+    let callbacks: Vec<String> = profile
+        .callbacks
+        .iter()
+        .map(|(name, cost)| format!("{name} {} ({}x)", cost.instructions, cost.calls))
+        .collect();
+    println!("by callback: {}", callbacks.join(", "));
+    println!();
+    print!("{}", profile.table(top));
+    if let Some(dir) = out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| (2, format!("cannot create {}: {e}", dir.display())))?;
+    }
+    std::fs::write(&out, profile.folded())
+        .map_err(|e| (2, format!("cannot write {}: {e}", out.display())))?;
+    println!(
+        "\nfolded stacks: {} (flamegraph.pl, inferno-flamegraph, speedscope)",
+        out.display()
+    );
+    trap_failure(&output.traps)
+}
+
+fn bench(args: &[String]) -> Result<ExitCode, Failure> {
+    let mut settings = eastwest_harness::bench::Settings {
+        requests: DEFAULT_BENCH_REQUESTS,
+        configs: BTreeMap::new(),
+    };
+    let (mut modules, mut json_path) = ("dist".to_string(), None);
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let mut value = |name: &str| {
@@ -119,11 +295,22 @@ fn bench(args: &[String]) -> Result<ExitCode, (u8, String)> {
             "--modules" => modules = value("--modules")?,
             "--requests" => {
                 let text = value("--requests")?;
-                requests =
+                settings.requests =
                     text.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
                         usage(&format!("--requests: not a positive number: {text}"))
                     })?;
             }
+            "--config" => {
+                let text = value("--config")?;
+                let (name, config) = text
+                    .split_once('=')
+                    .filter(|(name, _)| !name.is_empty())
+                    .ok_or_else(|| usage(&format!("--config: not NAME=JSON: {text}")))?;
+                settings
+                    .configs
+                    .insert(name.to_string(), config.to_string());
+            }
+            "--json" => json_path = Some(value("--json")?),
             other => return Err(usage(&format!("unknown argument {other:?}"))),
         }
     }
@@ -133,9 +320,22 @@ fn bench(args: &[String]) -> Result<ExitCode, (u8, String)> {
              (instructions/request are the same)"
         );
     }
-    let figures = eastwest_harness::bench::run(std::path::Path::new(&modules), requests)
-        .map_err(|e| (3, e.0))?;
-    println!("eastwest-harness: one worker on one core, {requests} requests through the no-op filter, {} through each module in {modules}/", (requests / 4).max(1));
-    print!("{}", eastwest_harness::bench::table(&figures));
+    let report = eastwest_harness::bench::run(Path::new(&modules), &settings).map_err(|e| {
+        let code = if e.0.starts_with("--config") { 2 } else { 3 };
+        (code, e.0)
+    })?;
+    println!(
+        "eastwest-harness: one worker on one core; {} requests through the no-op filter, then \
+         for each module in {modules}/ and direction {} warm-up requests and {} counted \
+         (the same typical request)",
+        settings.requests,
+        eastwest_harness::bench::WARMUP_REQUESTS,
+        (settings.requests / 4).max(1)
+    );
+    print!("{}", eastwest_harness::bench::table(&report));
+    if let Some(path) = json_path {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| (3, e.to_string()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| (2, format!("cannot write {path}: {e}")))?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -53,7 +53,8 @@ pub struct MessageSpec {
 }
 
 impl MessageSpec {
-    fn message(&self) -> Message {
+    /// The request or response this spec describes.
+    pub fn message(&self) -> Message {
         Message {
             headers: self.headers.to_pairs(),
             body: self.body.clone().into_bytes(),

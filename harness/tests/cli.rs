@@ -125,32 +125,269 @@ fn a_trap_exits_with_1_and_still_prints_the_document() {
 }
 
 #[test]
-fn bench_prints_a_row_for_the_no_op_filter_and_each_module_and_direction() {
-    let (code, stdout, stderr) = run(&["bench", "--requests", "8"]);
+fn bench_prints_a_row_per_module_and_direction_and_writes_json() {
+    let dir = std::env::temp_dir().join(format!("eastwest-cli-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let (code, stdout, stderr) = run(&[
+        "bench",
+        "--requests",
+        "8",
+        "--json",
+        json_path.to_str().unwrap(),
+    ]);
+    // Missed targets do not fail the command.
     assert_eq!(code, 0, "{stderr}");
-    let rows: Vec<Vec<&str>> = stdout
-        .lines()
-        .skip(2)
-        .map(|line| line.split_whitespace().collect())
-        .collect();
-    let names: Vec<String> = rows
-        .iter()
-        .map(|row| row[..row.len() - 2].join(" "))
-        .collect();
-    assert_eq!(names[0], "trivial (no-op)");
     assert!(
-        names.contains(&"label-enrich outbound".to_string()),
+        stdout.contains("requests/s through a no-op filter"),
         "{stdout}"
     );
-    assert!(
-        names.contains(&"label-enrich inbound".to_string()),
-        "{stdout}"
-    );
-    for row in &rows {
-        let instructions: u64 = row[row.len() - 1].parse().unwrap();
-        assert!(instructions > 0, "{stdout}");
+    let row = |module: &str, direction: &str| {
+        stdout
+            .lines()
+            .find(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                words.len() > 2 && words[0] == module && words[1] == direction
+            })
+            .unwrap_or_else(|| panic!("no {module} {direction} row:\n{stdout}"))
+    };
+    for direction in ["outbound", "inbound"] {
+        let line = row("label-enrich", direction);
+        assert!(
+            line.ends_with("<= 3000  met") || line.ends_with("<= 3000  MISSED"),
+            "{line}"
+        );
     }
+    assert!(stdout.contains("instructions per callback"), "{stdout}");
+
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert!(doc["harness_requests_per_second"].as_f64().unwrap() > 0.0);
+    let modules = doc["modules"].as_array().unwrap();
+    let label_enrich = modules
+        .iter()
+        .find(|m| m["module"] == "label-enrich" && m["direction"] == "outbound")
+        .unwrap();
+    let mut keys: Vec<&str> = label_enrich
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "callbacks",
+            "direction",
+            "error",
+            "instructions_per_request",
+            "max_instructions_per_request",
+            "module",
+            "requests_per_second"
+        ]
+    );
+    assert!(label_enrich["error"].is_null());
+    let instructions = label_enrich["instructions_per_request"].as_u64().unwrap();
+    assert!(instructions > 0);
+    assert!(
+        label_enrich["max_instructions_per_request"]
+            .as_u64()
+            .unwrap()
+            >= instructions
+    );
+    let callbacks: u64 = label_enrich["callbacks"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(callbacks, instructions);
+    assert!(
+        label_enrich["callbacks"]["proxy_on_request_headers"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(label_enrich["callbacks"]["proxy_on_log"].as_u64().unwrap() > 0);
+
+    // A refused configuration is a row with an error, not a failure.
+    let (code, stdout, stderr) = run(&[
+        "bench",
+        "--requests",
+        "4",
+        "--config",
+        r#"label-enrich={"peer_trust": "sometimes"}"#,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        row_text(&stdout, "label-enrich", "outbound").contains("error: "),
+        "{stdout}"
+    );
+
     let (code, _, stderr) = run(&["bench", "--requests", "0"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("--requests"), "{stderr}");
+    let (code, _, stderr) = run(&["bench", "--config", "nope={}"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("nope.wasm"), "{stderr}");
+    let (code, _, stderr) = run(&["bench", "--config", "label-enrich"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("NAME=JSON"), "{stderr}");
+}
+
+fn row_text<'a>(stdout: &'a str, module: &str, direction: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|line| line.starts_with(module) && line.contains(direction))
+        .unwrap_or_default()
+}
+
+#[test]
+fn profile_prints_the_top_functions_and_writes_folded_stacks() {
+    let dir = std::env::temp_dir().join(format!("eastwest-cli-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("example.wat");
+    std::fs::write(&module, PROFILE_EXAMPLE_WAT).unwrap();
+    let scenario = dir.join("two.yaml");
+    std::fs::write(
+        &scenario,
+        "streams:\n  - request: {headers: {':path': '/'}}\n  - request: {headers: {':path': '/'}}\n",
+    )
+    .unwrap();
+    let out = dir.join("out.folded");
+    let (code, stdout, stderr) = run(&[
+        "profile",
+        module.to_str().unwrap(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--warmup",
+        "1",
+        "--top",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("1 stream after 1 warm-up stream: 102 instructions"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("proxy_on_request_headers 102 (1x)"),
+        "{stdout}"
+    );
+    let table: Vec<&str> = stdout
+        .lines()
+        .skip_while(|line| !line.contains("self%"))
+        .take_while(|line| !line.is_empty())
+        .collect();
+    assert_eq!(table.len(), 3, "{stdout}");
+    assert_eq!(
+        table[1], "        62  60.8%        102 100.0%       1  f",
+        "{stdout}"
+    );
+    assert_eq!(
+        table[2], "        40  39.2%         40  39.2%      10  example::g",
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "f 62\nf;example::g 40\n"
+    );
+
+    // Without --out: target/profile/<module>.<scenario>.folded from the workspace root.
+    let (code, stdout, stderr) = run(&[
+        "profile",
+        module.to_str().unwrap(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("folded stacks: target/profile/example.two.folded"),
+        "{stdout}"
+    );
+    let written = std::path::Path::new(ROOT).join("target/profile/example.two.folded");
+    assert_eq!(
+        std::fs::read_to_string(written).unwrap(),
+        "f 124\nf;example::g 80\n"
+    );
+
+    let (code, _, stderr) = run(&[
+        "profile",
+        module.to_str().unwrap(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+        "--warmup",
+        "2",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("none would be profiled"), "{stderr}");
+    let (code, _, stderr) = run(&["profile", "Cargo.toml", "--scenario", SCENARIO]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("bad module"), "{stderr}");
+}
+
+/// `f` (proxy_on_request_headers) calls `example::g` ten times: f spends 1 (entering it) +
+/// 10 × 6 (the loop body) + 1 (`i32.const 0`) = 62, g 10 × (1 + 3) = 40 (see tests/profile.rs
+/// for how wasmtime counts).
+const PROFILE_EXAMPLE_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func $_ZN7example1g17h0123456789abcdefE (param $x i32) (result i32)
+    local.get $x
+    i32.const 1
+    i32.add)
+  (func $f (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $i i32)
+    loop
+      local.get $i
+      call $_ZN7example1g17h0123456789abcdefE
+      local.tee $i
+      i32.const 10
+      i32.lt_u
+      br_if 0
+    end
+    i32.const 0)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "malloc") (param i32) (result i32) (i32.const 1024)))"#;
+
+#[test]
+fn profile_of_a_real_filter_equals_the_run_instructions() {
+    let wasm = "dist/telemetry.wasm";
+    if !std::path::Path::new(ROOT).join(wasm).exists() {
+        eprintln!("skipped: no {wasm} (run `cargo xtask build`)");
+        return;
+    }
+    let typical = "harness/scenarios/typical-outbound.yaml";
+    let (code, stdout, stderr) = run(&["run", wasm, "--scenario", typical]);
+    assert_eq!(code, 0, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let last = doc["streams"][3]["instructions"].as_u64().unwrap();
+    let dir = std::env::temp_dir().join(format!("eastwest-cli-real-{}", std::process::id()));
+    let out = dir.join("telemetry.folded");
+    let (code, stdout, stderr) = run(&[
+        "profile",
+        wasm,
+        "--scenario",
+        typical,
+        "--warmup",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "1 stream after 3 warm-up streams: {last} instructions (the sum of their \
+             `instructions`: {last})"
+        )),
+        "{stdout}"
+    );
+    let folded: u64 = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|line| line.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(folded, last);
 }
