@@ -43,25 +43,50 @@ fn trim_ows(mut bytes: &[u8]) -> &[u8] {
 }
 
 /// Splits one `baggage` header value into its members. Empty segments (`a=1,,b=2`) are skipped.
-pub fn members(header: &[u8]) -> impl Iterator<Item = Member<'_>> {
-    header
-        .split(|&byte| byte == b',')
-        .filter(|segment| !trim_ows(segment).is_empty())
-        .map(|segment| {
-            let (key, value) = match segment.iter().position(|&byte| byte == b'=') {
-                Some(equals) => {
-                    let after = &segment[equals + 1..];
-                    let value = after.split(|&byte| byte == b';').next().unwrap_or(after);
-                    (trim_ows(&segment[..equals]), Some(trim_ows(value)))
-                }
-                None => (trim_ows(segment), None),
+pub fn members(header: &[u8]) -> Members<'_> {
+    Members { rest: Some(header) }
+}
+
+/// The members of one header value, each found in a single pass over its bytes (this runs on
+/// every request: no nested splitting).
+pub struct Members<'a> {
+    /// What is left after the last member; `None` once the last segment was read.
+    rest: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for Members<'a> {
+    type Item = Member<'a>;
+
+    fn next(&mut self) -> Option<Member<'a>> {
+        loop {
+            let rest = self.rest?;
+            let (segment, after) = match rest.iter().position(|&byte| byte == b',') {
+                Some(comma) => (&rest[..comma], Some(&rest[comma + 1..])),
+                None => (rest, None),
             };
-            Member {
+            self.rest = after;
+            let trimmed = trim_ows(segment);
+            if trimmed.is_empty() {
+                continue;
+            }
+            let (key, value) = match trimmed.iter().position(|&byte| byte == b'=') {
+                Some(equals) => {
+                    let after = &trimmed[equals + 1..];
+                    let value = match after.iter().position(|&byte| byte == b';') {
+                        Some(semicolon) => &after[..semicolon],
+                        None => after,
+                    };
+                    (trim_ows(&trimmed[..equals]), Some(trim_ows(value)))
+                }
+                None => (trimmed, None),
+            };
+            return Some(Member {
                 raw: segment,
                 key,
                 value,
-            }
-        })
+            });
+        }
+    }
 }
 
 /// W3C baggage-octet: the bytes a value may carry unencoded (`%` is in the range but must be

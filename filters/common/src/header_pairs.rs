@@ -57,29 +57,47 @@ pub fn values_in<'a>(bytes: &'a [u8], name: &str) -> Option<Vec<&'a [u8]>> {
     if bytes.is_empty() {
         return Some(values);
     }
-    let read_u32 = |offset: usize| -> Option<usize> {
-        let word = bytes.get(offset..offset.checked_add(4)?)?;
-        Some(u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize)
+    let size_at = |offset: usize| -> u64 {
+        debug_assert!(offset + 4 <= bytes.len());
+        // SAFETY: the size table was checked to fit in `bytes` before the loop; the read is
+        // unaligned-safe. (Indexing byte by byte costs four bounds checks per size.)
+        u64::from(u32::from_le(unsafe {
+            bytes.as_ptr().add(offset).cast::<u32>().read_unaligned()
+        }))
     };
-    let count = read_u32(0)?;
-    let mut data = count.checked_mul(8)?.checked_add(4)?;
-    if data > bytes.len() {
+    let count = size_at_checked(bytes, 0)? as usize;
+    let table_end = count.checked_mul(8)?.checked_add(4)?;
+    if table_end > bytes.len() {
         return None;
     }
+    // Offsets in u64: a u32 size per key and value cannot overflow them.
+    let mut data = table_end as u64;
+    let name_len = name.len() as u64;
     for index in 0..count {
-        let key_size = read_u32(4 + index * 8)?;
-        let value_size = read_u32(8 + index * 8)?;
-        let key_end = data.checked_add(key_size)?;
-        let value_start = key_end.checked_add(1)?;
-        let value_end = value_start.checked_add(value_size)?;
-        let key = bytes.get(data..key_end)?;
-        let value = bytes.get(value_start..value_end)?;
-        if key.eq_ignore_ascii_case(name.as_bytes()) {
-            values.push(value);
+        let key_size = size_at(4 + index * 8);
+        let value_size = size_at(8 + index * 8);
+        let key_end = data + key_size;
+        let value_start = key_end + 1;
+        let value_end = value_start + value_size;
+        if value_end > bytes.len() as u64 {
+            return None;
         }
-        data = value_end.checked_add(1)?;
+        if key_size == name_len {
+            let key = &bytes[data as usize..key_end as usize];
+            if key.eq_ignore_ascii_case(name.as_bytes()) {
+                values.push(&bytes[value_start as usize..value_end as usize]);
+            }
+        }
+        data = value_end + 1;
     }
     Some(values)
+}
+
+fn size_at_checked(bytes: &[u8], offset: usize) -> Option<u64> {
+    let word = bytes.get(offset..offset.checked_add(4)?)?;
+    Some(u64::from(u32::from_le_bytes([
+        word[0], word[1], word[2], word[3],
+    ])))
 }
 
 /// The values of every header called `name` (compared without regard to ASCII case), in order.

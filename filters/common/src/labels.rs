@@ -58,9 +58,19 @@ impl Label {
     }
 
     pub fn from_baggage_key(key: &[u8]) -> Option<Label> {
-        Label::ALL
-            .into_iter()
-            .find(|label| label.baggage_key().as_bytes() == key)
+        // Most members of a real baggage are not labels: their length already says so.
+        let candidates: &[Label] = match key.len() {
+            12 => &[Label::Service, Label::Region],
+            13 => &[Label::Team],
+            18 => &[Label::Namespace],
+            19 => &[Label::Criticality],
+            27 => &[Label::Environment],
+            _ => return None,
+        };
+        candidates
+            .iter()
+            .copied()
+            .find(|label| crate::bytes::equal(label.baggage_key().as_bytes(), key))
     }
 
     fn index(self) -> usize {
@@ -256,6 +266,17 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn baggage_key_lengths_are_the_ones_from_baggage_key_checks() {
+        for label in Label::ALL {
+            assert!(
+                [12, 13, 18, 19, 27].contains(&label.baggage_key().len()),
+                "{}",
+                label.baggage_key()
+            );
+        }
+    }
 
     #[test]
     fn baggage_keys_round_trip() {

@@ -3,6 +3,7 @@
 //! the one panic-free wrapper over the proxy-wasm ABI that the filters' thin layers share.
 
 pub mod baggage;
+pub mod bytes;
 pub mod cluster;
 pub mod config;
 pub mod header_pairs;
@@ -15,6 +16,12 @@ pub mod party;
 pub mod peer;
 pub mod properties;
 pub mod resolve;
+pub mod small_blocks;
 pub mod trust;
 
 pub use labels::{Label, Labels};
+
+// Every eastwest module links this crate with `host`: one allocator for each of them.
+#[cfg(all(target_arch = "wasm32", feature = "host"))]
+#[global_allocator]
+static ALLOCATOR: small_blocks::SmallBlocks = small_blocks::SmallBlocks::new();

@@ -7,8 +7,6 @@
 //! only when every part is byte-for-byte equal, so a hit returns exactly what the computation
 //! would have returned.
 
-use std::hash::Hasher;
-
 /// Entries kept by default: a sidecar talks to a handful of peers at a time.
 pub const DEFAULT_CAPACITY: usize = 32;
 
@@ -16,6 +14,9 @@ pub struct Memo<V> {
     entries: Vec<Entry<V>>,
     /// The entry replaced next once full (round robin: the oldest insertion).
     next: usize,
+    /// The entry found or stored last: compared first, without hashing (the same peer
+    /// calling again is the common case).
+    recent: std::cell::Cell<usize>,
     capacity: usize,
 }
 
@@ -28,12 +29,9 @@ struct Entry<V> {
 
 /// The hash of a key's parts (lengths included, so `["ab", "c"]` and `["a", "bc"]` differ).
 pub fn hash_parts(parts: &[&[u8]]) -> u64 {
-    let mut hasher = rustc_hash::FxHasher::default();
-    for part in parts {
-        hasher.write_u32(part.len() as u32);
-        hasher.write(part);
-    }
-    hasher.finish()
+    parts
+        .iter()
+        .fold(0, |hash, part| crate::bytes::hash(hash, part))
 }
 
 fn key_equals(stored: &[u8], parts: &[&[u8]]) -> bool {
@@ -48,7 +46,7 @@ fn key_equals(stored: &[u8], parts: &[&[u8]]) -> bool {
         let Some((bytes, tail)) = tail.split_at_checked(part.len()) else {
             return false;
         };
-        if bytes != *part {
+        if !crate::bytes::equal(bytes, part) {
             return false;
         }
         rest = tail;
@@ -61,17 +59,32 @@ impl<V> Memo<V> {
         Memo {
             entries: Vec::with_capacity(capacity.max(1)),
             next: 0,
+            recent: std::cell::Cell::new(0),
             capacity: capacity.max(1),
         }
     }
 
     /// The value stored for exactly these parts.
     pub fn get(&self, parts: &[&[u8]]) -> Option<&V> {
+        self.position(parts).map(|index| &self.entries[index].value)
+    }
+
+    fn position(&self, parts: &[&[u8]]) -> Option<usize> {
+        let recent = self.recent.get();
+        if self
+            .entries
+            .get(recent)
+            .is_some_and(|entry| key_equals(&entry.key, parts))
+        {
+            return Some(recent);
+        }
         let hash = hash_parts(parts);
-        self.entries
+        let index = self
+            .entries
             .iter()
-            .find(|entry| entry.hash == hash && key_equals(&entry.key, parts))
-            .map(|entry| &entry.value)
+            .position(|entry| entry.hash == hash && key_equals(&entry.key, parts))?;
+        self.recent.set(index);
+        Some(index)
     }
 
     /// Stores `value` for these parts (replacing the oldest entry when full) and returns it.
@@ -95,17 +108,13 @@ impl<V> Memo<V> {
             self.next = (index + 1) % self.capacity;
             index
         };
+        self.recent.set(index);
         &self.entries[index].value
     }
 
     /// The value for these parts, computed by `compute` (and stored) on a miss.
     pub fn get_or_insert_with(&mut self, parts: &[&[u8]], compute: impl FnOnce() -> V) -> &V {
-        let hash = hash_parts(parts);
-        match self
-            .entries
-            .iter()
-            .position(|entry| entry.hash == hash && key_equals(&entry.key, parts))
-        {
+        match self.position(parts) {
             Some(index) => &self.entries[index].value,
             None => self.insert(parts, compute()),
         }

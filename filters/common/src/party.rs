@@ -11,15 +11,26 @@ pub struct Party {
     pub state: String,
     /// The known labels as baggage members (`baggage`, `x-eastwest-peer`, `x-eastwest-source`).
     pub wire: String,
+    /// The hash of `state`, for tables keyed by parties.
+    pub hash: u64,
 }
 
 impl Party {
     pub fn new(labels: Labels) -> Party {
+        let state = labels.to_complete_members();
         Party {
-            state: labels.to_complete_members(),
+            hash: crate::bytes::hash(0, state.as_bytes()),
+            state,
             wire: labels.to_baggage_members(),
             labels,
         }
+    }
+
+    /// The same labels: the same party (cheap when it is the same resolution).
+    pub fn same_as(self: &std::rc::Rc<Party>, other: &std::rc::Rc<Party>) -> bool {
+        std::rc::Rc::ptr_eq(self, other)
+            || (self.hash == other.hash
+                && crate::bytes::equal(self.state.as_bytes(), other.state.as_bytes()))
     }
 }
 

@@ -105,11 +105,19 @@ struct Budget {
     /// the budget only gains room from deposits (kept in `pending`), so it is read once per slot
     /// instead of on every request; this worker's own writes drop it. Other workers' retries
     /// are seen from the next slot (`ttl / 10`) on.
-    shared_view: Option<(u64, Window)>,
+    shared_view: Option<SlotView>,
     /// `destination_service` and, in `server` mode, `source_service`, for log lines.
     describe: String,
     admitted: Option<u32>,
     denied: Option<u32>,
+}
+
+/// The shared window as read in one slot, and whether the budget was seen to have room then:
+/// within the slot only deposits change it, which only add room, so a yes holds for the slot.
+struct SlotView {
+    slot: u64,
+    shared: Window,
+    has_room: bool,
 }
 
 /// The retry-budget feature of one VM.
@@ -450,19 +458,19 @@ impl RetryBudget {
             .with_budget(index, |budget| {
                 let slot = budget.params.slot_of(now);
                 budget.pending.add(slot, 1, 0);
-                let shared = match &budget.shared_view {
-                    Some((read_in, window)) if *read_in == slot => window,
-                    _ => {
-                        let window = ledger::shared_window(&HostStore, &budget.key)?;
-                        &budget.shared_view.insert((slot, window)).1
-                    }
+                let view = match &mut budget.shared_view {
+                    Some(view) if view.slot == slot => view,
+                    _ => budget.shared_view.insert(SlotView {
+                        slot,
+                        shared: ledger::shared_window(&HostStore, &budget.key)?,
+                        has_room: false,
+                    }),
                 };
-                Ok(ledger::has_room_in(
-                    shared,
-                    &budget.params,
-                    &budget.pending,
-                    now,
-                ))
+                if !view.has_room {
+                    view.has_room =
+                        ledger::has_room_in(&view.shared, &budget.params, &budget.pending, now);
+                }
+                Ok(view.has_room)
             })
             .unwrap_or(Ok(true));
         match room {

@@ -20,6 +20,9 @@ pub const SLOTS: usize = 10;
 pub const ENCODED_LEN: usize = 1 + SLOTS * 16;
 const FORMAT: u8 = 1;
 
+/// The largest `ratio_milli` (a ratio of 100 retries per request, the configuration's limit).
+const MAX_RATIO_MILLI: u64 = 100_000;
+
 /// The budget of one destination, in integers so that the arithmetic is exact and the same on
 /// every target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +48,6 @@ impl Params {
     /// The slot a wall-clock time (nanoseconds since the epoch) falls in.
     pub fn slot_of(&self, now_nanos: u64) -> u64 {
         now_nanos / self.slot_nanos
-    }
-
-    /// Retries allowed by `deposits` original requests, in thousandths of a retry.
-    fn allowance_milli(&self, deposits: u64) -> u64 {
-        self.ratio_milli
-            .saturating_mul(deposits)
-            .saturating_add(self.reserve.saturating_mul(1000))
     }
 }
 
@@ -175,6 +171,11 @@ impl Window {
     /// exactly what the future windows containing `now` keep: the smallest room wins. That
     /// makes the guarantee hold for every window, not only for the one ending now.
     fn room_milli(&self, params: &Params, now: u64) -> u64 {
+        // No product here can overflow: a slot counts at most u32::MAX of each, so the sums
+        // stay below 2^36, `ratio_milli` is at most 100,000 (ratio <= 100) and 1000 < 2^10.
+        // Saturating multiplications would cost a 128-bit multiply each on wasm32.
+        let ratio_milli = params.ratio_milli.min(MAX_RATIO_MILLI);
+        let reserve_milli = params.reserve.saturating_mul(1000);
         let mut room = u64::MAX;
         let (mut deposits, mut withdrawals) = (0u64, 0u64);
         for back in 0..SLOTS as u64 {
@@ -182,12 +183,10 @@ impl Window {
                 break;
             };
             let (d, w) = self.counts(number);
-            deposits = deposits.saturating_add(d);
-            withdrawals = withdrawals.saturating_add(w);
-            let suffix_room = params
-                .allowance_milli(deposits)
-                .saturating_sub(withdrawals.saturating_mul(1000));
-            room = room.min(suffix_room);
+            deposits += d;
+            withdrawals += w;
+            let allowance = (ratio_milli * deposits).saturating_add(reserve_milli);
+            room = room.min(allowance.saturating_sub(withdrawals * 1000));
         }
         room
     }

@@ -74,19 +74,16 @@ struct PairSeries {
 }
 
 impl PairSeries {
-    fn is(&self, reporter: Reporter, source: &Party, destination: &Party) -> bool {
+    fn is(&self, reporter: Reporter, source: &Rc<Party>, destination: &Rc<Party>) -> bool {
         self.reporter == reporter
-            && self.source.state == source.state
-            && self.destination.state == destination.state
+            && self.source.same_as(source)
+            && self.destination.same_as(destination)
     }
 }
 
 fn pair_hash(reporter: Reporter, source: &Party, destination: &Party) -> u64 {
-    eastwest_common::memo::hash_parts(&[
-        reporter.as_str().as_bytes(),
-        source.state.as_bytes(),
-        destination.state.as_bytes(),
-    ])
+    use eastwest_common::bytes::mix;
+    mix(mix(reporter as u64, source.hash), destination.hash)
 }
 
 /// The telemetry feature of one VM.
