@@ -196,16 +196,32 @@ pub fn replace_label_members(headers: &[&[u8]], own_members: &str) -> Option<Vec
     let capacity = own_members.len() + headers.iter().map(|h| h.len() + 1).sum::<usize>();
     let mut out = Vec::with_capacity(capacity);
     out.extend_from_slice(own_members.as_bytes());
-    for member in headers.iter().flat_map(|h| members(h)) {
-        if Label::from_baggage_key(member.key).is_some() {
+    for header in headers {
+        if is_one_plain_member(header) {
+            // The common case of an application's own baggage: kept as it is, unparsed.
+            if !out.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(header);
             continue;
         }
-        if !out.is_empty() {
-            out.push(b',');
+        for member in members(header) {
+            if Label::from_baggage_key(member.key).is_some() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(member.raw);
         }
-        out.extend_from_slice(member.raw);
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// A header value that is exactly one member and not a label one: no `,` (one segment), not
+/// blank, and no `.` (every label key has one), so [`members`] would yield it whole.
+fn is_one_plain_member(header: &[u8]) -> bool {
+    !trim_ows(header).is_empty() && !header.iter().any(|&byte| byte == b',' || byte == b'.')
 }
 
 /// Whether any header carries a label member (cheap check before rewriting).
@@ -364,6 +380,30 @@ mod properties {
             let _ = read_claims(&[&header, &other], DEFAULT_MAX_BAGGAGE_BYTES);
             let _ = replace_label_members(&[&header, &other], "service.name=a");
             let _ = percent_decode(&header);
+        }
+
+        #[test]
+        fn the_plain_member_shortcut_changes_nothing(
+            header in baggage_like(),
+            raw in proptest::collection::vec(any::<u8>(), 0..24),
+        ) {
+            // What replace_label_members gives without its shortcut.
+            let reference = |headers: &[&[u8]]| {
+                let mut out = b"service.name=own".to_vec();
+                for member in headers.iter().flat_map(|h| members(h)) {
+                    if Label::from_baggage_key(member.key).is_none() {
+                        out.push(b',');
+                        out.extend_from_slice(member.raw);
+                    }
+                }
+                out
+            };
+            for headers in [vec![&header[..]], vec![&raw[..]], vec![&raw[..], &header[..]]] {
+                prop_assert_eq!(
+                    replace_label_members(&headers, "service.name=own").unwrap(),
+                    reference(&headers)
+                );
+            }
         }
 
         #[test]

@@ -7,20 +7,19 @@ pub fn equal(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
+    let length = a.len();
+    if length < 8 {
+        return a.iter().zip(b).all(|(x, y)| x == y);
+    }
     let mut index = 0;
-    while index + 8 <= a.len() {
+    while index + 8 <= length {
         if word_at(a, index) != word_at(b, index) {
             return false;
         }
         index += 8;
     }
-    while index < a.len() {
-        if a[index] != b[index] {
-            return false;
-        }
-        index += 1;
-    }
-    true
+    // The last word, overlapping what was compared: no byte-by-byte tail.
+    index == length || word_at(a, length - 8) == word_at(b, length - 8)
 }
 
 /// The eight bytes of `bytes` at `index` as a word; `index + 8` must not pass the end.

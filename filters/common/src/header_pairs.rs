@@ -82,7 +82,12 @@ pub fn values_in<'a>(bytes: &'a [u8], name: &str) -> Option<Vec<&'a [u8]>> {
         if value_end > bytes.len() as u64 {
             return None;
         }
-        if key_size == name_len {
+        // Envoy's keys are lower case already: the first byte rules out nearly every other
+        // header of the same length before the case-blind comparison.
+        if key_size == name_len
+            && name_len > 0
+            && bytes[data as usize].eq_ignore_ascii_case(&name.as_bytes()[0])
+        {
             let key = &bytes[data as usize..key_end as usize];
             if key.eq_ignore_ascii_case(name.as_bytes()) {
                 values.push(&bytes[value_start as usize..value_end as usize]);

@@ -371,8 +371,8 @@ pub struct InboundResolution {
 pub struct OutboundResolution {
     pub outcome: crate::resolve::OutboundResponse,
     pub destination: std::rc::Rc<crate::party::Party>,
-    /// The routed cluster filled a label: the result holds only for that cluster.
-    needs_cluster: bool,
+    /// The routed cluster (as read) when it filled a label: the result holds only for it.
+    cluster: Option<Option<Vec<u8>>>,
 }
 
 /// Label resolution of one filter (its [`crate::resolve::LabelSettings`]), with memos of
@@ -441,45 +441,44 @@ impl Resolver {
             identity.uri.as_deref().unwrap_or_default(),
         ];
         let mut memo = self.outbound.borrow_mut();
-        if let Some(found) = memo.get(&parts).filter(|found| !found.needs_cluster) {
-            return found.clone();
+        // The cluster is read only when the claims left a label to fill; the result is kept for
+        // the claims with the cluster it was computed for.
+        let mut cluster = None;
+        if let Some(found) = memo.get(&parts) {
+            match &found.cluster {
+                None => return found.clone(),
+                Some(used) => {
+                    let current = upstream_cluster();
+                    let same = match (used, &current) {
+                        (Some(used), Some(current)) => crate::bytes::equal(used, current),
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if same {
+                        return found.clone();
+                    }
+                    cluster = Some(current);
+                }
+            }
         }
-        let cluster = upstream_cluster();
-        let cluster_parts: [&[u8]; 6] = [
-            parts[0],
-            parts[1],
-            parts[2],
-            parts[3],
-            presence(cluster.as_deref()),
-            cluster.as_deref().unwrap_or_default(),
-        ];
-        if let Some(found) = memo.get(&cluster_parts) {
-            return found.clone();
-        }
-        let mut needs_cluster = false;
+        let mut used_cluster = None;
         let outcome = crate::resolve::outbound_response(
             &self.settings,
             peer_header,
             &identity.parse(),
             || {
-                needs_cluster = true;
-                cluster.clone()
+                let current = cluster.take().unwrap_or_else(upstream_cluster);
+                used_cluster = Some(current.clone());
+                current
             },
         );
         let destination = std::rc::Rc::new(crate::party::Party::new(outcome.destination.clone()));
         let resolution = std::rc::Rc::new(OutboundResolution {
             outcome,
             destination,
-            needs_cluster,
+            cluster: used_cluster,
         });
-        // Without the cluster the result holds for the claims alone; with it, only for
-        // that cluster too.
-        let key: &[&[u8]] = if needs_cluster {
-            &cluster_parts
-        } else {
-            &parts
-        };
-        memo.insert(key, resolution.clone());
+        memo.put(&parts, resolution.clone());
         resolution
     }
 

@@ -112,6 +112,16 @@ impl<V> Memo<V> {
         &self.entries[index].value
     }
 
+    /// Stores `value` for these parts, replacing what was stored for them (if anything).
+    pub fn put(&mut self, parts: &[&[u8]], value: V) {
+        match self.position(parts) {
+            Some(index) => self.entries[index].value = value,
+            None => {
+                self.insert(parts, value);
+            }
+        }
+    }
+
     /// The value for these parts, computed by `compute` (and stored) on a miss.
     pub fn get_or_insert_with(&mut self, parts: &[&[u8]], compute: impl FnOnce() -> V) -> &V {
         match self.position(parts) {
@@ -144,6 +154,15 @@ mod tests {
         assert_eq!(memo.get(&[b"ab"]), None);
         assert_eq!(memo.get(&[b"ab", b"c", b""]), None);
         assert_eq!(memo.get(&[b"ab", b"d"]), None);
+    }
+
+    #[test]
+    fn put_replaces_the_value_of_the_same_key() {
+        let mut memo = Memo::new(4);
+        memo.put(&[b"k"], 1);
+        memo.put(&[b"k"], 2);
+        assert_eq!(memo.get(&[b"k"]), Some(&2));
+        assert_eq!(memo.len(), 1);
     }
 
     #[test]

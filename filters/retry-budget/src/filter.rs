@@ -127,9 +127,10 @@ pub struct RetryBudget {
     budgets: RefCell<Vec<Budget>>,
     /// Budget index by subject (destination service, or calling service in `server` mode).
     subjects: RefCell<rustc_hash::FxHashMap<String, usize>>,
-    /// Budget index by the raw input it came from (cluster name, authority, caller), so that a
-    /// repeated destination is not parsed again.
-    recent: RefCell<Memo<usize>>,
+    /// Budget index by the raw input it came from (cluster name; authority or caller), so that
+    /// a repeated destination is not parsed again.
+    by_cluster: RefCell<Memo<usize>>,
+    by_other: RefCell<Memo<usize>>,
     fail_open: Vec<Option<u32>>,
     own: host::OwnLabelsCell,
 }
@@ -156,7 +157,8 @@ impl RetryBudget {
             resolver: Resolver::new(settings.labels.clone()),
             budgets: RefCell::new(Vec::with_capacity(settings.max_budgets + 1)),
             subjects: RefCell::new(subjects),
-            recent: RefCell::new(Memo::new(eastwest_common::memo::DEFAULT_CAPACITY)),
+            by_cluster: RefCell::new(Memo::new(eastwest_common::memo::DEFAULT_CAPACITY)),
+            by_other: RefCell::new(Memo::new(eastwest_common::memo::DEFAULT_CAPACITY)),
             settings,
             fail_open,
         };
@@ -289,18 +291,19 @@ impl RetryBudget {
     /// The budget of an outbound request: its cluster (Istio's names carry service and
     /// namespace), else its authority.
     fn outbound_budget(&self) -> usize {
-        let mut recent = self.recent.borrow_mut();
         let cluster = host::upstream_cluster();
         if let Some(cluster) = &cluster {
-            if let Some(index) = recent.get(&[b"cluster", cluster]) {
+            let mut by_cluster = self.by_cluster.borrow_mut();
+            if let Some(index) = by_cluster.get(&[cluster]) {
                 return *index;
             }
             if let Some(destination) = cluster::destination_from_cluster(cluster) {
                 let index = self.budget_index(&destination.service, &destination);
-                recent.insert(&[b"cluster", cluster], index);
+                by_cluster.insert(&[cluster], index);
                 return index;
             }
         }
+        let mut recent = self.by_other.borrow_mut();
         let authority = request_header(":authority");
         let parts: [&[u8]; 2] = [b"authority", authority.as_deref().unwrap_or_default()];
         if let Some(index) = recent.get(&parts) {
@@ -330,7 +333,7 @@ impl RetryBudget {
                     .unwrap_or_else(|| self.resolver.inbound_source().0);
                 let service = caller.labels.get_or_unknown(Label::Service);
                 let parts: [&[u8]; 2] = [b"caller", service.as_bytes()];
-                if let Some(index) = self.recent.borrow().get(&parts) {
+                if let Some(index) = self.by_other.borrow().get(&parts) {
                     return *index;
                 }
                 self.own.refresh(&self.settings.labels, |_| {});
@@ -340,7 +343,7 @@ impl RetryBudget {
                     namespace: own.labels.get_or_unknown(Label::Namespace).to_string(),
                 };
                 let index = self.budget_index(service, &destination);
-                self.recent.borrow_mut().insert(&parts, index);
+                self.by_other.borrow_mut().insert(&parts, index);
                 index
             }
             Mode::Client | Mode::ClientHeaders => self.outbound_budget(),

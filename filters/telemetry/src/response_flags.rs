@@ -43,16 +43,38 @@ const UPSTREAM_FAILURES: [&str; 12] = [
 
 /// The short names of every flag set in `mask`, in bit order.
 pub fn short_names(mask: u64) -> impl Iterator<Item = &'static str> {
-    SHORT_NAMES
-        .iter()
-        .enumerate()
-        .filter(move |(bit, _)| mask & (1u64 << bit) != 0)
-        .map(|(_, name)| *name)
+    // Visits only the bits that are set (none on nearly every request).
+    let mut rest = mask;
+    std::iter::from_fn(move || loop {
+        if rest == 0 {
+            return None;
+        }
+        let bit = rest.trailing_zeros() as usize;
+        rest &= rest - 1;
+        if let Some(name) = SHORT_NAMES.get(bit) {
+            return Some(*name);
+        }
+    })
 }
+
+/// The bits of [`UPSTREAM_FAILURES`]: a request without them (nearly every one) is told apart
+/// with one AND instead of a walk over every flag.
+const UPSTREAM_FAILURE_BITS: u64 = 1 << 1
+    | 1 << 2
+    | 1 << 3
+    | 1 << 4
+    | 1 << 5
+    | 1 << 6
+    | 1 << 7
+    | 1 << 14
+    | 1 << 15
+    | 1 << 19
+    | 1 << 23
+    | 1 << 28;
 
 /// The upstream-failure flags set in `mask`.
 pub fn upstream_failures(mask: u64) -> impl Iterator<Item = &'static str> {
-    short_names(mask).filter(|name| UPSTREAM_FAILURES.contains(name))
+    short_names(mask & UPSTREAM_FAILURE_BITS).filter(|name| UPSTREAM_FAILURES.contains(name))
 }
 
 #[cfg(test)]
@@ -71,6 +93,18 @@ mod tests {
         );
         assert_eq!(short_names(1 << 23).collect::<Vec<_>>(), vec!["UPE"]);
         assert_eq!(short_names(u64::MAX).count(), SHORT_NAMES.len());
+    }
+
+    #[test]
+    fn the_failure_bits_are_exactly_the_failure_names() {
+        let from_names: Vec<&str> = short_names(u64::MAX)
+            .filter(|name| UPSTREAM_FAILURES.contains(name))
+            .collect();
+        assert_eq!(
+            short_names(UPSTREAM_FAILURE_BITS).collect::<Vec<_>>(),
+            from_names
+        );
+        assert_eq!(from_names.len(), UPSTREAM_FAILURES.len());
     }
 
     #[test]
