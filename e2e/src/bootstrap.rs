@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::certs::WorkloadCert;
+use crate::module_under_test::{Feature, ModuleUnderTest};
 
 /// The Envoy node: identity, metadata (as an Istio sidecar's bootstrap carries it) and
 /// locality.
@@ -141,6 +142,23 @@ pub fn wasm_filter(filter_name: &str, wasm_path: &Path, config: Value) -> Value 
             },
         },
     })
+}
+
+/// [`wasm_filter`] running `feature` in `module` (its own module, or the sidecar module with
+/// only that feature's section) with the feature's configuration `config`. The filter is
+/// named after the feature either way, so that several features' filters in one chain keep
+/// their own names and VMs. Fails when the module has not been built.
+pub fn feature_filter(
+    module: ModuleUnderTest,
+    feature: Feature,
+    config: Value,
+) -> anyhow::Result<Value> {
+    let wasm = crate::paths::dist_wasm(module.wasm_name(feature))?;
+    Ok(wasm_filter(
+        feature.module(),
+        &wasm,
+        module.config(feature, config),
+    ))
 }
 
 /// `envoy.config.core.v3.TrafficDirection` of a listener; Wasm filters read it as the

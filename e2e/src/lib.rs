@@ -31,6 +31,7 @@ pub mod client;
 pub mod demo;
 pub mod envoy;
 pub mod load;
+pub mod module_under_test;
 mod paths;
 pub mod process;
 pub mod prometheus;
@@ -39,12 +40,13 @@ pub mod wat_modules;
 
 pub use app::TestApp;
 pub use bootstrap::{
-    bootstrap, wasm_filter, ClusterBuilder, ListenerBuilder, Node, TrafficDirection,
+    bootstrap, feature_filter, wasm_filter, ClusterBuilder, ListenerBuilder, Node, TrafficDirection,
 };
 pub use certs::{TestCa, WorkloadCert};
 pub use client::{http2_request, http_request, http_request_with, RequestOptions, Response};
 pub use envoy::{Envoy, EnvoyOptions};
 pub use load::{LoadPlan, LoadReport};
+pub use module_under_test::{Feature, ModuleUnderTest};
 pub use paths::{
     dist_wasm, envoy_binary, envoy_oldest_binary, free_port, sdk_filter_wasm, workspace_root,
     ENVOY_OLDEST_VERSION, ENVOY_VERSION,

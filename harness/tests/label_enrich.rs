@@ -1,8 +1,15 @@
-//! label-enrich's fast integration tests: dist/label-enrich.wasm in the harness (no Envoy).
+//! label-enrich's fast integration tests in the harness (no Envoy): each runs against
+//! dist/label-enrich.wasm and against dist/eastwest.wasm with only the `label_enrich` section.
+
+#[path = "../../e2e/src/module_under_test.rs"]
+mod module_under_test;
 
 use eastwest_common::metric_name::stats_tag_regex;
 use eastwest_harness::{Harness, Message, Options};
+use module_under_test::{Feature, ModuleUnderTest};
 use serde_json::{json, Value};
+
+const FEATURE: Feature = Feature::LabelEnrich;
 
 const CALLER_LABELS: &str = "service.name=frontend,k8s.namespace.name=shop,\
     deployment.environment.name=prod,cloud.region=eu-west-1,eastwest.team=web,\
@@ -10,11 +17,6 @@ const CALLER_LABELS: &str = "service.name=frontend,k8s.namespace.name=shop,\
 const CALLEE_LABELS: &str = "service.name=checkout,k8s.namespace.name=shop,\
     deployment.environment.name=prod,cloud.region=eu-west-1,eastwest.team=payments,\
     service.criticality=critical";
-
-fn wasm() -> Vec<u8> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/label-enrich.wasm");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (run `cargo xtask build`)"))
-}
 
 /// An Istio sidecar's node, as Envoy 1.40 exposes it: `xds.node`, plus the listener direction.
 fn sidecar(workload: &str, team: &str, criticality: &str, direction: i64) -> Value {
@@ -34,11 +36,11 @@ fn sidecar(workload: &str, team: &str, criticality: &str, direction: i64) -> Val
     }})
 }
 
-fn harness(config: Value, properties: Value, workers: usize) -> Harness {
+fn harness(module: ModuleUnderTest, config: Value, properties: Value, workers: usize) -> Harness {
     Harness::new(
-        &wasm(),
+        &module.read_wasm(FEATURE),
         Options {
-            config: config.to_string().into_bytes(),
+            config: module.config_bytes(FEATURE, config),
             properties,
             workers,
             ..Options::default()
@@ -47,9 +49,8 @@ fn harness(config: Value, properties: Value, workers: usize) -> Harness {
     .unwrap()
 }
 
-#[test]
-fn outbound_stamps_baggage_from_node_metadata_and_keeps_other_members() {
-    let mut h = harness(json!({}), sidecar("frontend", "web", "high", 2), 2);
+fn outbound_stamps_baggage_from_node_metadata_and_keeps_other_members(module: ModuleUnderTest) {
+    let mut h = harness(module, json!({}), sidecar("frontend", "web", "high", 2), 2);
     let request = Message::get("/")
         .header(
             "baggage",
@@ -74,9 +75,10 @@ fn outbound_stamps_baggage_from_node_metadata_and_keeps_other_members() {
     assert!(h.traps.is_empty(), "{:?}", h.traps);
 }
 
-#[test]
-fn outbound_removes_the_peer_header_from_the_response() {
-    let mut h = harness(json!({}), sidecar("frontend", "web", "high", 2), 1);
+for_each_module!(outbound_stamps_baggage_from_node_metadata_and_keeps_other_members);
+
+fn outbound_removes_the_peer_header_from_the_response(module: ModuleUnderTest) {
+    let mut h = harness(module, json!({}), sidecar("frontend", "web", "high", 2), 1);
     let upstream = Message::status(200)
         .header("x-eastwest-peer", CALLEE_LABELS)
         .body("ok");
@@ -86,9 +88,13 @@ fn outbound_removes_the_peer_header_from_the_response() {
     assert_eq!(response.body, b"ok");
 }
 
-#[test]
-fn inbound_with_peer_trust_any_sets_the_source_header_and_answers_with_its_labels() {
+for_each_module!(outbound_removes_the_peer_header_from_the_response);
+
+fn inbound_with_peer_trust_any_sets_the_source_header_and_answers_with_its_labels(
+    module: ModuleUnderTest,
+) {
     let mut h = harness(
+        module,
         json!({"peer_trust": "any"}),
         sidecar("checkout", "payments", "critical", 1),
         1,
@@ -105,9 +111,15 @@ fn inbound_with_peer_trust_any_sets_the_source_header_and_answers_with_its_label
     assert_eq!(response.get_header("x-eastwest-peer"), Some(CALLEE_LABELS));
 }
 
-#[test]
-fn inbound_refuses_claims_without_mtls_and_counts_them() {
-    let mut h = harness(json!({}), sidecar("checkout", "payments", "critical", 1), 1);
+for_each_module!(inbound_with_peer_trust_any_sets_the_source_header_and_answers_with_its_labels);
+
+fn inbound_refuses_claims_without_mtls_and_counts_them(module: ModuleUnderTest) {
+    let mut h = harness(
+        module,
+        json!({}),
+        sidecar("checkout", "payments", "critical", 1),
+        1,
+    );
     let request = Message::get("/")
         .header("baggage", "service.name=admin,userid=7")
         .header("x-eastwest-source", "service.name=admin");
@@ -137,9 +149,15 @@ fn inbound_refuses_claims_without_mtls_and_counts_them() {
     );
 }
 
-#[test]
-fn inbound_trusts_an_mtls_peer_whose_spiffe_namespace_matches() {
-    let mut h = harness(json!({}), sidecar("checkout", "payments", "critical", 1), 1);
+for_each_module!(inbound_refuses_claims_without_mtls_and_counts_them);
+
+fn inbound_trusts_an_mtls_peer_whose_spiffe_namespace_matches(module: ModuleUnderTest) {
+    let mut h = harness(
+        module,
+        json!({}),
+        sidecar("checkout", "payments", "critical", 1),
+        1,
+    );
     let connection = json!({"connection": {
         "mtls": true,
         "uri_san_peer_certificate": "spiffe://cluster.local/ns/shop/sa/frontend",
@@ -153,12 +171,13 @@ fn inbound_trusts_an_mtls_peer_whose_spiffe_namespace_matches() {
     );
 }
 
-#[test]
-fn invalid_configuration_is_refused_with_the_field_named() {
+for_each_module!(inbound_trusts_an_mtls_peer_whose_spiffe_namespace_matches);
+
+fn invalid_configuration_is_refused_with_the_field_named(module: ModuleUnderTest) {
     let error = Harness::new(
-        &wasm(),
+        &module.read_wasm(FEATURE),
         Options {
-            config: br#"{"peer_trust": "sometimes"}"#.to_vec(),
+            config: module.config_bytes(FEATURE, json!({"peer_trust": "sometimes"})),
             ..Options::default()
         },
     )
@@ -168,12 +187,14 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         error.0.contains("proxy_on_configure returned false"),
         "{error}"
     );
-    assert!(error.0.contains("peer_trust"), "{error}");
+    let wanted = module.config_error(FEATURE, "peer_trust: ");
+    assert!(error.0.contains(&wanted), "{wanted:?} in {error}");
 }
 
-#[test]
-fn unknown_direction_passes_traffic_and_warns_once() {
-    let mut h = harness(json!({}), json!({}), 1);
+for_each_module!(invalid_configuration_is_refused_with_the_field_named);
+
+fn unknown_direction_passes_traffic_and_warns_once(module: ModuleUnderTest) {
+    let mut h = harness(module, json!({}), json!({}), 1);
     for _ in 0..2 {
         let id = h.run(0, None, Message::get("/").header("baggage", "a=1"), None);
         let upstream = h.result(id).upstream_request.unwrap();
@@ -182,3 +203,5 @@ fn unknown_direction_passes_traffic_and_warns_once() {
     let warnings = h.logs().into_iter().filter(|l| l.level == "warn").count();
     assert_eq!(warnings, 1);
 }
+
+for_each_module!(unknown_direction_passes_traffic_and_warns_once);

@@ -1,19 +1,21 @@
-//! retry-budget's fast integration tests: dist/retry-budget.wasm in the harness with two and
-//! four VMs (Envoy's workers) sharing one budget through shared data, on virtual time.
+//! retry-budget's fast integration tests in the harness with two and four VMs (Envoy's
+//! workers) sharing one budget through shared data, on virtual time: each runs against
+//! dist/retry-budget.wasm and against dist/eastwest.wasm with only the `retry_budget` section.
+
+#[path = "../../e2e/src/module_under_test.rs"]
+mod module_under_test;
 
 use eastwest_harness::{Harness, Message, Options};
+use module_under_test::{Feature, ModuleUnderTest};
 use serde_json::{json, Value};
 
-fn wasm() -> Vec<u8> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/retry-budget.wasm");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (run `cargo xtask build`)"))
-}
+const FEATURE: Feature = Feature::RetryBudget;
 
-fn harness(config: Value, workers: usize) -> Harness {
+fn harness(module: ModuleUnderTest, config: Value, workers: usize) -> Harness {
     Harness::new(
-        &wasm(),
+        &module.read_wasm(FEATURE),
         Options {
-            config: config.to_string().into_bytes(),
+            config: module.config_bytes(FEATURE, config),
             properties: json!({"xds": {"cluster_name": "outbound|8080||payments.shop.svc.cluster.local"}}),
             workers,
             ..Options::default()
@@ -124,11 +126,11 @@ fn assert_within_budget(
     (admitted, (ratio * originals as f64) as u64 + reserve)
 }
 
-fn shared_budget_holds_with(workers: usize) {
+fn shared_budget_holds_with(module: ModuleUnderTest, workers: usize) {
     // ttl 2 s so that a 10 s outage spans five whole windows; reserve 1 retry/s × 2 s.
     let config =
         json!({"mode": "client", "ratio": 0.2, "min_retries_per_second": 1, "ttl_seconds": 2});
-    let mut h = harness(config, workers);
+    let mut h = harness(module, config, workers);
     let start_ms = (h.now_ns() / 1_000_000) % 200;
     let tallies = outage(&mut h, workers, 10, 4, 0x5eed + workers as u64);
     let (admitted, allowed) = assert_within_budget(&tallies, 0.2, 2, 2000, start_ms);
@@ -170,21 +172,24 @@ fn shared_budget_holds_with(workers: usize) {
     );
 }
 
-#[test]
-fn two_vms_share_one_budget() {
-    shared_budget_holds_with(2);
+fn two_vms_share_one_budget(module: ModuleUnderTest) {
+    shared_budget_holds_with(module, 2);
 }
 
-#[test]
-fn four_vms_share_one_budget() {
-    shared_budget_holds_with(4);
+for_each_module!(two_vms_share_one_budget);
+
+fn four_vms_share_one_budget(module: ModuleUnderTest) {
+    shared_budget_holds_with(module, 4);
 }
 
-#[test]
-fn an_idle_destination_gets_only_the_reserve_and_a_healthy_one_never_writes_per_request() {
+for_each_module!(four_vms_share_one_budget);
+
+fn an_idle_destination_gets_only_the_reserve_and_a_healthy_one_never_writes_per_request(
+    module: ModuleUnderTest,
+) {
     let config =
         json!({"mode": "client", "ratio": 0.2, "min_retries_per_second": 1, "ttl_seconds": 2});
-    let mut h = harness(config, 2);
+    let mut h = harness(module, config, 2);
     // Healthy traffic: 1000 first attempts over 5 s on two workers.
     for index in 0..1000u64 {
         h.run((index % 2) as usize, None, attempt(1), None);
@@ -214,14 +219,17 @@ fn an_idle_destination_gets_only_the_reserve_and_a_healthy_one_never_writes_per_
     assert_eq!(outcomes, [true, true, false, false]);
 }
 
-#[test]
-fn per_destination_overrides_apply() {
+for_each_module!(
+    an_idle_destination_gets_only_the_reserve_and_a_healthy_one_never_writes_per_request
+);
+
+fn per_destination_overrides_apply(module: ModuleUnderTest) {
     let config = json!({
         "mode": "client", "ratio": 0.2, "min_retries_per_second": 1, "ttl_seconds": 10,
         "destinations": {"payments": {"min_retries_per_second": 0.3}},
     });
     // payments: reserve 3 (0.3/s × 10 s); the defaults would give 10.
-    let mut h = harness(config, 1);
+    let mut h = harness(module, config, 1);
     let admitted = (0..10)
         .filter(|_| {
             let id = h.run(0, None, attempt(2), None);
@@ -231,11 +239,12 @@ fn per_destination_overrides_apply() {
     assert_eq!(admitted, 3);
 }
 
-#[test]
-fn bad_attempt_headers_and_damaged_shared_data_fail_open() {
+for_each_module!(per_destination_overrides_apply);
+
+fn bad_attempt_headers_and_damaged_shared_data_fail_open(module: ModuleUnderTest) {
     let config =
         json!({"mode": "server", "ratio": 0, "min_retries_per_second": 0, "peer_trust": "any"});
-    let mut h = harness(config, 1);
+    let mut h = harness(module, config, 1);
     for value in ["two", "-1", "", "1e3"] {
         let id = h.run(
             0,
@@ -260,10 +269,11 @@ fn bad_attempt_headers_and_damaged_shared_data_fail_open() {
     assert!(h.traps.is_empty(), "{:?}", h.traps);
 }
 
-#[test]
-fn client_headers_mode_caps_retries_only_when_the_budget_is_spent() {
+for_each_module!(bad_attempt_headers_and_damaged_shared_data_fail_open);
+
+fn client_headers_mode_caps_retries_only_when_the_budget_is_spent(module: ModuleUnderTest) {
     let config = json!({"mode": "client-headers", "ratio": 0, "min_retries_per_second": 0.2, "ttl_seconds": 10});
-    let mut h = harness(config, 1);
+    let mut h = harness(module, config, 1);
     let failed = json!({"upstream": {"request_attempt_count": 3}});
     // Budget 2: the first request may retry; the router made 2 retries, charged at the end.
     let first = h.run(
@@ -293,3 +303,5 @@ fn client_headers_mode_caps_retries_only_when_the_budget_is_spent() {
     );
     assert!(h.traps.is_empty(), "{:?}", h.traps);
 }
+
+for_each_module!(client_headers_mode_caps_retries_only_when_the_budget_is_spent);

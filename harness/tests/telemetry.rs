@@ -1,14 +1,16 @@
-//! telemetry's fast integration tests: dist/telemetry.wasm in the harness (no Envoy), with the
-//! per-stream attributes Envoy would give it at the end of the stream.
+//! telemetry's fast integration tests in the harness (no Envoy), with the per-stream
+//! attributes Envoy would give it at the end of the stream: each runs against
+//! dist/telemetry.wasm and against dist/eastwest.wasm with only the `telemetry` section.
+
+#[path = "../../e2e/src/module_under_test.rs"]
+mod module_under_test;
 
 use eastwest_common::metric_name::{stats_tag_regex, ALL_TAGS};
 use eastwest_harness::{Harness, Message, Options};
+use module_under_test::{Feature, ModuleUnderTest};
 use serde_json::{json, Value};
 
-fn wasm() -> Vec<u8> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/telemetry.wasm");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (run `cargo xtask build`)"))
-}
+const FEATURE: Feature = Feature::Telemetry;
 
 fn node(workload: &str, team: &str, direction: i64) -> Value {
     json!({"xds": {
@@ -24,11 +26,11 @@ fn node(workload: &str, team: &str, direction: i64) -> Value {
     }})
 }
 
-fn harness(config: Value, properties: Value) -> Harness {
+fn harness(module: ModuleUnderTest, config: Value, properties: Value) -> Harness {
     Harness::new(
-        &wasm(),
+        &module.read_wasm(FEATURE),
         Options {
-            config: config.to_string().into_bytes(),
+            config: module.config_bytes(FEATURE, config),
             properties,
             workers: 1,
             ..Options::default()
@@ -65,10 +67,9 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
-#[test]
-fn the_caller_reports_the_outcome_failures_and_retries_of_each_request() {
+fn the_caller_reports_the_outcome_failures_and_retries_of_each_request(module: ModuleUnderTest) {
     let config = json!({"peer_trust": "any", "dimensions": ["reporter", "source_service", "source_team", "destination_service", "destination_team", "response_code"]});
-    let mut h = harness(config, node("frontend", "web", 2));
+    let mut h = harness(module, config, node("frontend", "web", 2));
     let upstream = Message::status(503).header(
         "x-eastwest-peer",
         "service.name=checkout,eastwest.team=payments",
@@ -154,9 +155,11 @@ fn the_caller_reports_the_outcome_failures_and_retries_of_each_request() {
     );
 }
 
-#[test]
-fn the_callee_reports_the_trusted_caller() {
+for_each_module!(the_caller_reports_the_outcome_failures_and_retries_of_each_request);
+
+fn the_callee_reports_the_trusted_caller(module: ModuleUnderTest) {
     let mut h = harness(
+        module,
         json!({"peer_trust": "any"}),
         node("checkout", "payments", 1),
     );
@@ -188,10 +191,11 @@ fn the_callee_reports_the_trusted_caller() {
     );
 }
 
-#[test]
-fn forged_names_beyond_max_series_fold_into_overflow() {
+for_each_module!(the_callee_reports_the_trusted_caller);
+
+fn forged_names_beyond_max_series_fold_into_overflow(module: ModuleUnderTest) {
     let config = json!({"peer_trust": "any", "max_series": 10, "dimensions": ["reporter", "source_service"]});
-    let mut h = harness(config, node("checkout", "payments", 1));
+    let mut h = harness(module, config, node("checkout", "payments", 1));
     for index in 0..500 {
         let request = Message::get("/").header("baggage", &format!("service.name=forged-{index}"));
         h.run(0, Some(&outcome(200, 0, 1, 1)), request, None);
@@ -223,12 +227,13 @@ fn forged_names_beyond_max_series_fold_into_overflow() {
     );
 }
 
-#[test]
-fn invalid_configuration_is_refused_with_the_field_named() {
+for_each_module!(forged_names_beyond_max_series_fold_into_overflow);
+
+fn invalid_configuration_is_refused_with_the_field_named(module: ModuleUnderTest) {
     let result = Harness::new(
-        &wasm(),
+        &module.read_wasm(FEATURE),
         Options {
-            config: br#"{"max_series": 0}"#.to_vec(),
+            config: module.config_bytes(FEATURE, json!({"max_series": 0})),
             ..Options::default()
         },
     );
@@ -236,8 +241,8 @@ fn invalid_configuration_is_refused_with_the_field_named() {
         .err()
         .expect("the configuration is refused")
         .to_string();
-    assert!(
-        error.contains("eastwest-telemetry: invalid configuration: max_series:"),
-        "{error}"
-    );
+    let wanted = module.config_error(FEATURE, "max_series: ");
+    assert!(error.contains(&wanted), "{wanted:?} in {error}");
 }
+
+for_each_module!(invalid_configuration_is_refused_with_the_field_named);
