@@ -48,6 +48,8 @@ Options after `--` (defaults):
                          eastwest-all
   --json-out PATH        default target/bench/bench.json
   --no-pin               do not pin Envoys and the load generator to CPUs
+  --nice N               e.g. -10: run the Envoys, wrk and the generator ahead of other work
+                         on a busy machine (root or CAP_SYS_NICE); default: priorities as is
   --filter NAME=PATH.wasm [--config NAME=JSON]   an extra configuration
 e.g. cargo xtask bench -- --rounds 5 --only eastwest-all,chain-3-modules
 ";

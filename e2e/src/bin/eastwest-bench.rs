@@ -6,7 +6,7 @@
 //! eastwest-bench [--rounds 3] [--duration 8s] [--warmup 2s] [--rate 2000]
 //!                [--latency-duration 4s] [--connections 16] [--wrk-threads 1]
 //!                [--only NAME,...] [--dist DIR] [--harness-json PATH]
-//!                [--json-out target/bench/bench.json] [--concurrency 1] [--no-pin]
+//!                [--json-out target/bench/bench.json] [--concurrency 1] [--no-pin] [--nice N]
 //!                [--filter NAME=PATH.wasm [--config NAME=JSON]]...
 //! ```
 //!
@@ -52,7 +52,9 @@ use serde_json::{json, Value};
 const USAGE: &str = "usage: eastwest-bench [--rounds 3] [--duration 8s] [--warmup 2s] [--rate 2000]
        [--latency-duration 4s] [--connections 16] [--wrk-threads 1] [--only NAME,...]
        [--dist DIR] [--harness-json PATH] [--json-out target/bench/bench.json]
-       [--concurrency 1] [--no-pin] [--filter NAME=PATH.wasm [--config NAME=JSON]]...
+       [--concurrency 1] [--no-pin] [--nice N] [--filter NAME=PATH.wasm [--config NAME=JSON]]...
+--nice -10 (root or CAP_SYS_NICE) puts the Envoys, wrk and the generator ahead of other work
+on a busy machine; the default leaves priorities alone.
 configurations: no-filter wasm-noop lua-baggage label-enrich telemetry retry-budget
                 chain-3-modules eastwest-all (--only keeps no-filter and wasm-noop, the
                 references, and the --filter ones)";
@@ -126,6 +128,8 @@ struct Args {
     harness_json: Option<PathBuf>,
     json_out: PathBuf,
     pin: bool,
+    /// Nice value for the Envoys, wrk and the generator (negative: ahead of other work).
+    nice: i32,
     filters: Vec<(String, PathBuf)>,
     configs: Vec<(String, Value)>,
 }
@@ -209,7 +213,7 @@ fn run() -> Result<bool> {
         bail!("the no-filter configuration did not start; nothing to compare with");
     }
 
-    let pinning = Pinning::new(args.pin);
+    let pinning = Pinning::new(args.pin, args.nice);
     pinning.pin_load_side(upstream.envoy.pid());
     eprintln!(
         "{} configurations x {} rounds: {:?} warm-up + {:?} closed loop (wrk -t{} -c{}) + {:?} \
@@ -317,6 +321,7 @@ fn run() -> Result<bool> {
             "wrk_threads": args.wrk_threads,
             "envoy_concurrency": args.concurrency,
             "only": args.only,
+            "nice": args.nice,
             "upstream": "a second Envoy with direct_response",
         }),
         request_headers: REQUEST_HEADERS
@@ -832,22 +837,25 @@ fn parse_wrk_report(output: &str) -> Result<WrkResult> {
 struct Pinning {
     measured: Option<usize>,
     load: Vec<usize>,
+    nice: i32,
 }
 
 impl Pinning {
     /// With at least two CPUs and `pin`: the last CPU for the measured Envoys, the others for
     /// the load side.
-    fn new(pin: bool) -> Pinning {
+    fn new(pin: bool, nice: i32) -> Pinning {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         if !pin || cpus < 2 {
             return Pinning {
                 measured: None,
                 load: Vec::new(),
+                nice,
             };
         }
         Pinning {
             measured: Some(cpus - 1),
             load: (0..cpus - 1).collect(),
+            nice,
         }
     }
 
@@ -880,6 +888,28 @@ impl Pinning {
             set_affinity_of_all_threads(upstream_pid, &self.load);
             set_affinity_of_all_threads(std::process::id(), &self.load);
         }
+        self.renice(upstream_pid);
+        self.renice(std::process::id());
+    }
+
+    /// Sets the nice value of every thread of `pid` (when `--nice` asks for one).
+    fn renice(&self, pid: u32) {
+        if self.nice == 0 {
+            return;
+        }
+        for tid in threads(pid) {
+            // SAFETY: plain system call on a thread id.
+            let result =
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, self.nice) };
+            if result != 0 {
+                eprintln!(
+                    "cannot set nice {} on thread {tid} of {pid}: {}",
+                    self.nice,
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+        }
     }
 
     /// Every thread of a measured Envoy, before each of its runs (threads it started since
@@ -888,7 +918,18 @@ impl Pinning {
         if let Some(cpu) = self.measured {
             set_affinity_of_all_threads(pid, &[cpu]);
         }
+        self.renice(pid);
     }
+}
+
+/// The thread ids of process `pid`.
+fn threads(pid: u32) -> Vec<libc::pid_t> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| task.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// Sets the CPU affinity of every thread of `pid`; returns how many threads were pinned.
@@ -898,11 +939,8 @@ fn set_affinity_of_all_threads(pid: u32, cpus: &[usize]) -> usize {
     for &cpu in cpus {
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|task| task.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+    threads(pid)
+        .into_iter()
         .filter(|&tid| {
             // SAFETY: `set` is a valid cpu_set_t of the size given.
             unsafe {
@@ -1012,6 +1050,7 @@ fn parse_args_from(raw: impl IntoIterator<Item = String>) -> Result<Args> {
         harness_json: None,
         json_out: eastwest_e2e::workspace_root().join("target/bench/bench.json"),
         pin: true,
+        nice: 0,
         filters: Vec::new(),
         configs: Vec::new(),
     };
@@ -1067,6 +1106,7 @@ fn parse_args_from(raw: impl IntoIterator<Item = String>) -> Result<Args> {
             "--harness-json" => args.harness_json = Some(PathBuf::from(value()?)),
             "--json-out" => args.json_out = PathBuf::from(value()?),
             "--no-pin" => args.pin = false,
+            "--nice" => args.nice = number(&flag, value()?)?,
             "--filter" => {
                 let value = value()?;
                 let (name, path) = value
