@@ -303,7 +303,7 @@ fn run() -> Result<bool> {
         envoy_version,
         envoy_version_output,
         machine: json!({
-            "cpus": std::thread::available_parallelism().map_or(1, usize::from),
+            "cpus": pinning.cpus,
             "clock_ticks_per_second": bench::clock_ticks_per_second(),
             "pinned": pinning.enabled(),
             "measured_envoy_cpu": pinning.measured_cpu(),
@@ -835,6 +835,8 @@ fn parse_wrk_report(output: &str) -> Result<WrkResult> {
 
 /// Which CPUs the measured Envoys and the load side (upstream Envoy, wrk, this process) use.
 struct Pinning {
+    /// CPUs this process could use before pinning.
+    cpus: usize,
     measured: Option<usize>,
     load: Vec<usize>,
     nice: i32,
@@ -847,12 +849,14 @@ impl Pinning {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         if !pin || cpus < 2 {
             return Pinning {
+                cpus,
                 measured: None,
                 load: Vec::new(),
                 nice,
             };
         }
         Pinning {
+            cpus,
             measured: Some(cpus - 1),
             load: (0..cpus - 1).collect(),
             nice,
