@@ -1,6 +1,7 @@
 //! label-enrich in real Envoy: two sidecars on loopback (the caller's outbound listener → the
 //! callee's inbound listener → the test application), Istio-style node metadata and a
-//! locality region in each bootstrap, with and without mTLS.
+//! locality region in each bootstrap, with and without mTLS. Each test runs against
+//! dist/label-enrich.wasm and against dist/eastwest.wasm with only the `label_enrich` section.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,11 +10,14 @@ use anyhow::Result;
 use base64::Engine;
 use eastwest_common::metric_name::stats_tag_regex;
 use eastwest_e2e::{
-    bootstrap, dist_wasm, free_port, http_request, wasm_filter, ClusterBuilder, Envoy,
-    EnvoyOptions, ListenerBuilder, Node, Response, TestApp, TestCa, TrafficDirection,
+    bootstrap, feature_filter, for_each_module, free_port, http_request, ClusterBuilder, Envoy,
+    EnvoyOptions, Feature, ListenerBuilder, ModuleUnderTest, Node, Response, TestApp, TestCa,
+    TrafficDirection,
 };
 use prost::Message;
 use serde_json::{json, Value};
+
+const FEATURE: Feature = Feature::LabelEnrich;
 
 const CALLER_LABELS: &str = "service.name=frontend,k8s.namespace.name=shop,\
     deployment.environment.name=prod,cloud.region=eu-west-1,eastwest.team=web,\
@@ -52,6 +56,7 @@ fn sidecar_node(workload: &str, team: &str, criticality: &str) -> Node {
 }
 
 struct MeshOptions {
+    module: ModuleUnderTest,
     peer_trust: &'static str,
     /// The namespace in the caller's SPIFFE certificate; `None`: no mTLS between the sidecars.
     caller_cert_namespace: Option<&'static str>,
@@ -70,7 +75,8 @@ struct Mesh {
 
 impl Mesh {
     fn start(name: &str, options: MeshOptions) -> Result<Mesh> {
-        let wasm = dist_wasm("label-enrich")?;
+        let module = options.module;
+        let name = &module.tag(name);
         let app = TestApp::start()?;
         let tags = stats_tags();
         let tags: Vec<(&str, &str)> = tags.iter().map(|(t, r)| (t.as_str(), r.as_str())).collect();
@@ -86,7 +92,7 @@ impl Mesh {
         // The callee: direction comes from the listener (INBOUND), not from the configuration.
         let mut inbound = ListenerBuilder::new("inbound", callee_port, "app")
             .traffic_direction(TrafficDirection::Inbound)
-            .http_filter(wasm_filter("label-enrich", &wasm, config.clone()))
+            .http_filter(feature_filter(module, FEATURE, config.clone())?)
             .access_log(&log_dir.join("callee-access.log"), ACCESS_LOG_FORMAT);
         let mut to_callee = ClusterBuilder::new("callee", callee_port);
         if let (Some(ca), Some(namespace)) = (&ca, options.caller_cert_namespace) {
@@ -112,7 +118,7 @@ impl Mesh {
         )?;
         let outbound = ListenerBuilder::new("outbound", caller_port, "callee")
             .traffic_direction(TrafficDirection::Outbound)
-            .http_filter(wasm_filter("label-enrich", &wasm, config))
+            .http_filter(feature_filter(module, FEATURE, config)?)
             .access_log(&caller_access_log, ACCESS_LOG_FORMAT);
         let caller = Envoy::start(
             &format!("{name}-caller"),
@@ -227,11 +233,11 @@ fn prometheus_counter(envoy: &Envoy, name: &str, labels: &[(&str, &str)]) -> u64
         .unwrap_or(0)
 }
 
-#[test]
-fn callee_app_sees_caller_labels_and_baggage_arrives_unchanged() {
+fn callee_app_sees_caller_labels_and_baggage_arrives_unchanged(module: ModuleUnderTest) {
     let mesh = Mesh::start(
         "le-labels",
         MeshOptions {
+            module,
             peer_trust: "any",
             caller_cert_namespace: None,
         },
@@ -262,11 +268,13 @@ fn callee_app_sees_caller_labels_and_baggage_arrives_unchanged() {
     assert_eq!(mesh.app.requests_seen(), 1);
 }
 
-#[test]
-fn caller_gets_no_peer_header_and_logs_the_destination() {
+for_each_module!(callee_app_sees_caller_labels_and_baggage_arrives_unchanged);
+
+fn caller_gets_no_peer_header_and_logs_the_destination(module: ModuleUnderTest) {
     let mesh = Mesh::start(
         "le-peer",
         MeshOptions {
+            module,
             peer_trust: "any",
             caller_cert_namespace: None,
         },
@@ -289,11 +297,13 @@ fn caller_gets_no_peer_header_and_logs_the_destination() {
     );
 }
 
-#[test]
-fn forged_claim_without_mtls_is_not_trusted() {
+for_each_module!(caller_gets_no_peer_header_and_logs_the_destination);
+
+fn forged_claim_without_mtls_is_not_trusted(module: ModuleUnderTest) {
     let mesh = Mesh::start(
         "le-forged",
         MeshOptions {
+            module,
             peer_trust: "mtls",
             caller_cert_namespace: None,
         },
@@ -334,11 +344,13 @@ fn forged_claim_without_mtls_is_not_trusted() {
         .unwrap();
 }
 
-#[test]
-fn mtls_claims_are_trusted_when_the_namespace_matches() {
+for_each_module!(forged_claim_without_mtls_is_not_trusted);
+
+fn mtls_claims_are_trusted_when_the_namespace_matches(module: ModuleUnderTest) {
     let mesh = Mesh::start(
         "le-mtls-ok",
         MeshOptions {
+            module,
             peer_trust: "mtls",
             caller_cert_namespace: Some("shop"),
         },
@@ -360,11 +372,13 @@ fn mtls_claims_are_trusted_when_the_namespace_matches() {
     );
 }
 
-#[test]
-fn mtls_claims_are_refused_when_the_namespace_differs() {
+for_each_module!(mtls_claims_are_trusted_when_the_namespace_matches);
+
+fn mtls_claims_are_refused_when_the_namespace_differs(module: ModuleUnderTest) {
     let mesh = Mesh::start(
         "le-mtls-bad",
         MeshOptions {
+            module,
             peer_trust: "mtls",
             caller_cert_namespace: Some("other"),
         },
@@ -387,11 +401,13 @@ fn mtls_claims_are_refused_when_the_namespace_differs() {
     );
 }
 
-#[test]
-fn malformed_input_never_fails_a_request_and_is_counted() {
+for_each_module!(mtls_claims_are_refused_when_the_namespace_differs);
+
+fn malformed_input_never_fails_a_request_and_is_counted(module: ModuleUnderTest) {
     let mesh = Mesh::start(
         "le-malformed",
         MeshOptions {
+            module,
             peer_trust: "any",
             caller_cert_namespace: None,
         },
@@ -444,11 +460,13 @@ fn malformed_input_never_fails_a_request_and_is_counted() {
     mesh.call(&[("baggage", b"\xff\xfe=\x80,service.name=%")]);
 }
 
-#[test]
-fn istio_peer_metadata_supplies_caller_labels() {
+for_each_module!(malformed_input_never_fails_a_request_and_is_counted);
+
+fn istio_peer_metadata_supplies_caller_labels(module: ModuleUnderTest) {
     let mesh = Mesh::start(
         "le-istio",
         MeshOptions {
+            module,
             peer_trust: "any",
             caller_cert_namespace: None,
         },
@@ -485,9 +503,9 @@ fn istio_peer_metadata_supplies_caller_labels() {
     );
 }
 
-#[test]
-fn invalid_configuration_is_refused_with_the_field_named() {
-    let wasm = dist_wasm("label-enrich").unwrap();
+for_each_module!(istio_peer_metadata_supplies_caller_labels);
+
+fn invalid_configuration_is_refused_with_the_field_named(module: ModuleUnderTest) {
     let cases = [
         (
             json!({"peer_trust": "mtls", "bogus": 1}),
@@ -504,10 +522,10 @@ fn invalid_configuration_is_refused_with_the_field_named() {
     ];
     for (index, (config, expected)) in cases.into_iter().enumerate() {
         let listener = ListenerBuilder::new("inbound", free_port(), "app")
-            .http_filter(wasm_filter("label-enrich", &wasm, config))
+            .http_filter(feature_filter(module, FEATURE, config).unwrap())
             .build();
         let log = Envoy::start_expecting_failure(
-            &format!("le-invalid-{index}"),
+            &module.tag(&format!("le-invalid-{index}")),
             bootstrap(
                 &Node::new("n", "c"),
                 free_port(),
@@ -518,7 +536,7 @@ fn invalid_configuration_is_refused_with_the_field_named() {
             &EnvoyOptions::default(),
         )
         .unwrap();
-        let wanted = format!("eastwest-label-enrich: invalid configuration: {expected}");
+        let wanted = module.config_error(FEATURE, expected);
         assert!(
             log.contains(&wanted),
             "Envoy's log lacks {wanted:?}:\n{log}"
@@ -526,19 +544,19 @@ fn invalid_configuration_is_refused_with_the_field_named() {
     }
 }
 
-#[test]
-fn missing_node_metadata_and_unknown_direction_pass_traffic() {
-    let wasm = dist_wasm("label-enrich").unwrap();
+for_each_module!(invalid_configuration_is_refused_with_the_field_named);
+
+fn missing_node_metadata_and_unknown_direction_pass_traffic(module: ModuleUnderTest) {
     let app = TestApp::start().unwrap();
     let port = free_port();
     // No metadata, no traffic_direction on the listener, no direction configured.
     let listener = ListenerBuilder::new("plain", port, "app")
-        .http_filter(wasm_filter("label-enrich", &wasm, json!({})))
+        .http_filter(feature_filter(module, FEATURE, json!({})).unwrap())
         .build();
     let tags = stats_tags();
     let tags: Vec<(&str, &str)> = tags.iter().map(|(t, r)| (t.as_str(), r.as_str())).collect();
     let envoy = Envoy::start(
-        "le-bare",
+        &module.tag("le-bare"),
         bootstrap(
             &Node::new("bare", "bare"),
             free_port(),
@@ -567,3 +585,5 @@ fn missing_node_metadata_and_unknown_direction_pass_traffic() {
         1
     );
 }
+
+for_each_module!(missing_node_metadata_and_unknown_direction_pass_traffic);

@@ -6,15 +6,21 @@
 //! The budgets here are zero (`ratio` 0, no reserve) or ample (the defaults), so that each
 //! test's outcome is exact; the retry-storm experiment (tests/retry_storm.rs) measures the
 //! budget's arithmetic under load.
+//!
+//! Each test runs against dist/retry-budget.wasm and against dist/eastwest.wasm with only the
+//! `retry_budget` section (in the same filter slot: an HTTP filter or an upstream filter).
 
 use std::time::Duration;
 
 use anyhow::Result;
 use eastwest_e2e::{
-    bootstrap, dist_wasm, free_port, http2_request, http_request, wasm_filter, ClusterBuilder,
-    Envoy, EnvoyOptions, ListenerBuilder, Node, TestApp, TrafficDirection,
+    bootstrap, feature_filter, for_each_module, free_port, http2_request, http_request,
+    ClusterBuilder, Envoy, EnvoyOptions, Feature, ListenerBuilder, ModuleUnderTest, Node, TestApp,
+    TrafficDirection,
 };
 use serde_json::{json, Value};
+
+const FEATURE: Feature = Feature::RetryBudget;
 
 const NO_BUDGET: &str = r#"{"ratio": 0, "min_retries_per_second": 0}"#;
 
@@ -60,6 +66,7 @@ fn tags_ref<'a>(tags: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a st
 /// `upstream_port`; retry-budget as an HTTP filter (`listener_filter`) or as an upstream
 /// filter of the cluster (`upstream_filter`).
 fn caller(
+    module: ModuleUnderTest,
     name: &str,
     upstream_port: u16,
     listener_filter: Option<Value>,
@@ -79,7 +86,7 @@ fn caller(
     }
     let tags = budget_tags();
     let envoy = Envoy::start(
-        name,
+        &module.tag(name),
         bootstrap(
             &node("frontend"),
             free_port(),
@@ -93,21 +100,22 @@ fn caller(
 }
 
 /// A callee's sidecar: inbound listener with retry-budget in `server` mode, toward the app.
-fn callee(name: &str, app_port: u16, config: Value) -> Result<(Envoy, u16)> {
+fn callee(
+    module: ModuleUnderTest,
+    name: &str,
+    app_port: u16,
+    config: Value,
+) -> Result<(Envoy, u16)> {
     let port = free_port();
     let tags = budget_tags();
     let envoy = Envoy::start(
-        name,
+        &module.tag(name),
         bootstrap(
             &node("checkout"),
             free_port(),
             vec![ListenerBuilder::new("inbound", port, "app")
                 .traffic_direction(TrafficDirection::Inbound)
-                .http_filter(wasm_filter(
-                    "retry-budget",
-                    &dist_wasm("retry-budget")?,
-                    config,
-                ))
+                .http_filter(feature_filter(module, FEATURE, config)?)
                 .build()],
             vec![ClusterBuilder::new("app", app_port).http2(true).build()],
             &tags_ref(&tags),
@@ -134,15 +142,12 @@ fn sample(prometheus: &str, metric: &str, parts: &[&str]) -> Option<f64> {
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
-#[test]
-fn client_mode_denies_a_retry_and_the_router_does_not_retry_it() -> Result<()> {
+fn client_mode_denies_a_retry_and_the_router_does_not_retry_it(
+    module: ModuleUnderTest,
+) -> Result<()> {
     let app = TestApp::start()?;
-    let filter = wasm_filter(
-        "retry-budget",
-        &dist_wasm("retry-budget")?,
-        budget_config("client", NO_BUDGET),
-    );
-    let (caller, port) = caller("rb-client-denied", app.port(), None, Some(filter))?;
+    let filter = feature_filter(module, FEATURE, budget_config("client", NO_BUDGET))?;
+    let (caller, port) = caller(module, "rb-client-denied", app.port(), None, Some(filter))?;
 
     let response = failing_request(port)?;
     assert_eq!(response.status, 503);
@@ -178,15 +183,12 @@ fn client_mode_denies_a_retry_and_the_router_does_not_retry_it() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn client_mode_admits_retries_within_the_budget() -> Result<()> {
+for_each_module!(client_mode_denies_a_retry_and_the_router_does_not_retry_it);
+
+fn client_mode_admits_retries_within_the_budget(module: ModuleUnderTest) -> Result<()> {
     let app = TestApp::start()?;
-    let filter = wasm_filter(
-        "retry-budget",
-        &dist_wasm("retry-budget")?,
-        budget_config("client", "{}"),
-    );
-    let (caller, port) = caller("rb-client-admitted", app.port(), None, Some(filter))?;
+    let filter = feature_filter(module, FEATURE, budget_config("client", "{}"))?;
+    let (caller, port) = caller(module, "rb-client-admitted", app.port(), None, Some(filter))?;
     let response = failing_request(port)?;
     assert_eq!(response.status, 503);
     assert_eq!(response.header("x-eastwest-retry-budget"), None);
@@ -205,15 +207,12 @@ fn client_mode_admits_retries_within_the_budget() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn client_headers_mode_switches_the_routers_retries_off() -> Result<()> {
+for_each_module!(client_mode_admits_retries_within_the_budget);
+
+fn client_headers_mode_switches_the_routers_retries_off(module: ModuleUnderTest) -> Result<()> {
     let app = TestApp::start()?;
-    let filter = wasm_filter(
-        "retry-budget",
-        &dist_wasm("retry-budget")?,
-        budget_config("client-headers", NO_BUDGET),
-    );
-    let (caller, port) = caller("rb-headers-denied", app.port(), Some(filter), None)?;
+    let filter = feature_filter(module, FEATURE, budget_config("client-headers", NO_BUDGET))?;
+    let (caller, port) = caller(module, "rb-headers-denied", app.port(), Some(filter), None)?;
     let response = failing_request(port)?;
     assert_eq!(response.status, 503);
     assert_eq!(
@@ -247,19 +246,20 @@ fn client_headers_mode_switches_the_routers_retries_off() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn client_headers_mode_charges_the_retries_the_router_made() -> Result<()> {
+for_each_module!(client_headers_mode_switches_the_routers_retries_off);
+
+fn client_headers_mode_charges_the_retries_the_router_made(module: ModuleUnderTest) -> Result<()> {
     let app = TestApp::start()?;
     // Reserve 2 retries per window: the first failing request spends both.
-    let filter = wasm_filter(
-        "retry-budget",
-        &dist_wasm("retry-budget")?,
+    let filter = feature_filter(
+        module,
+        FEATURE,
         budget_config(
             "client-headers",
             r#"{"ratio": 0, "min_retries_per_second": 0.2, "ttl_seconds": 10}"#,
         ),
-    );
-    let (caller, port) = caller("rb-headers-charged", app.port(), Some(filter), None)?;
+    )?;
+    let (caller, port) = caller(module, "rb-headers-charged", app.port(), Some(filter), None)?;
     let first = failing_request(port)?;
     assert_eq!(first.header("x-eastwest-retry-budget"), None);
     assert_eq!(app.requests_seen(), 3);
@@ -286,15 +286,19 @@ fn client_headers_mode_charges_the_retries_the_router_made() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn server_mode_sheds_retries_and_the_calling_envoy_does_not_retry_them() -> Result<()> {
+for_each_module!(client_headers_mode_charges_the_retries_the_router_made);
+
+fn server_mode_sheds_retries_and_the_calling_envoy_does_not_retry_them(
+    module: ModuleUnderTest,
+) -> Result<()> {
     let app = TestApp::start()?;
     let (callee, callee_port) = callee(
+        module,
         "rb-server-callee",
         app.port(),
         budget_config("server", NO_BUDGET),
     )?;
-    let (caller, port) = caller("rb-server-caller", callee_port, None, None)?;
+    let (caller, port) = caller(module, "rb-server-caller", callee_port, None, None)?;
     let response = http_request(
         "GET",
         &format!("http://127.0.0.1:{port}/pay"),
@@ -337,10 +341,12 @@ fn server_mode_sheds_retries_and_the_calling_envoy_does_not_retry_them() -> Resu
     Ok(())
 }
 
-#[test]
-fn server_mode_tells_grpc_clients_not_to_retry() -> Result<()> {
+for_each_module!(server_mode_sheds_retries_and_the_calling_envoy_does_not_retry_them);
+
+fn server_mode_tells_grpc_clients_not_to_retry(module: ModuleUnderTest) -> Result<()> {
     let app = TestApp::start()?;
     let (_callee, port) = callee(
+        module,
         "rb-server-grpc",
         app.port(),
         budget_config("server", NO_BUDGET),
@@ -380,21 +386,18 @@ fn server_mode_tells_grpc_clients_not_to_retry() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn invalid_configuration_is_refused_with_the_field_path() -> Result<()> {
+for_each_module!(server_mode_tells_grpc_clients_not_to_retry);
+
+fn invalid_configuration_is_refused_with_the_field_path(module: ModuleUnderTest) -> Result<()> {
     let app = TestApp::start()?;
     let config = json!({"mode": "client", "destinations": {"payments": {"ratio": -1}}});
     let log = Envoy::start_expecting_failure(
-        "rb-invalid",
+        &module.tag("rb-invalid"),
         bootstrap(
             &node("frontend"),
             free_port(),
             vec![ListenerBuilder::new("outbound", free_port(), "checkout")
-                .http_filter(wasm_filter(
-                    "retry-budget",
-                    &dist_wasm("retry-budget")?,
-                    config,
-                ))
+                .http_filter(feature_filter(module, FEATURE, config)?)
                 .build()],
             vec![ClusterBuilder::new("checkout", app.port()).build()],
             &[],
@@ -404,11 +407,12 @@ fn invalid_configuration_is_refused_with_the_field_path() -> Result<()> {
             ..EnvoyOptions::default()
         },
     )?;
-    assert!(
-        log.contains(
-            "eastwest-retry-budget: invalid configuration: destinations.payments.ratio: -1 is outside 0..=100"
-        ),
-        "{log}"
+    let wanted = module.config_error(
+        FEATURE,
+        "destinations.payments.ratio: -1 is outside 0..=100",
     );
+    assert!(log.contains(&wanted), "{wanted:?} in {log}");
     Ok(())
 }
+
+for_each_module!(invalid_configuration_is_refused_with_the_field_path);

@@ -1,16 +1,21 @@
 //! telemetry in real Envoy: two sidecars on loopback (the caller's outbound listener → the
 //! callee's inbound listener → the test application), each running label-enrich then
-//! telemetry, two Envoy workers each.
+//! telemetry, two Envoy workers each. Each test runs with telemetry in dist/telemetry.wasm and
+//! in dist/eastwest.wasm with only the `telemetry` section (label-enrich is its own module in
+//! both).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use eastwest_common::metric_name::{stats_tag_regex, ALL_TAGS};
 use eastwest_e2e::{
-    bootstrap, dist_wasm, free_port, http2_request, http_request, wasm_filter, ClusterBuilder,
-    Envoy, EnvoyOptions, ListenerBuilder, Node, TestApp, TrafficDirection,
+    bootstrap, dist_wasm, feature_filter, for_each_module, free_port, http2_request, http_request,
+    wasm_filter, ClusterBuilder, Envoy, EnvoyOptions, Feature, ListenerBuilder, ModuleUnderTest,
+    Node, TestApp, TrafficDirection,
 };
 use serde_json::{json, Value};
+
+const FEATURE: Feature = Feature::Telemetry;
 
 /// Every mesh holds this for its lifetime: shared by default, exclusively for the tests whose
 /// assertions depend on latency (quantiles from the scrape against the load generator's ground
@@ -109,14 +114,20 @@ struct MeshOptions {
 }
 
 impl Mesh {
-    fn start(name: &str, telemetry_config: Value) -> Result<Mesh> {
-        Mesh::start_with(name, telemetry_config, MeshOptions::default())
+    fn start(module: ModuleUnderTest, name: &str, telemetry_config: Value) -> Result<Mesh> {
+        Mesh::start_with(module, name, telemetry_config, MeshOptions::default())
     }
 
-    fn start_with(name: &str, telemetry_config: Value, mesh: MeshOptions) -> Result<Mesh> {
+    /// The mesh with telemetry in `module`.
+    fn start_with(
+        module: ModuleUnderTest,
+        name: &str,
+        telemetry_config: Value,
+        mesh: MeshOptions,
+    ) -> Result<Mesh> {
         let lock = MeshLock::take(mesh.latency_sensitive);
+        let name = &module.tag(name);
         let label_enrich = dist_wasm("label-enrich")?;
-        let telemetry = dist_wasm("telemetry")?;
         let app = TestApp::start()?;
         let tags = stats_tags();
         let tags: Vec<(&str, &str)> = tags.iter().map(|(t, r)| (t.as_str(), r.as_str())).collect();
@@ -141,11 +152,7 @@ impl Mesh {
                 vec![ListenerBuilder::new("inbound", callee_port, "app")
                     .traffic_direction(TrafficDirection::Inbound)
                     .http_filter(wasm_filter("label-enrich", &label_enrich, trust.clone()))
-                    .http_filter(wasm_filter(
-                        "telemetry",
-                        &telemetry,
-                        telemetry_config.clone(),
-                    ))
+                    .http_filter(feature_filter(module, FEATURE, telemetry_config.clone())?)
                     .access_log(&callee_flags_log, "%RESPONSE_FLAGS%")
                     .build()],
                 vec![ClusterBuilder::new("app", app.port())
@@ -164,7 +171,7 @@ impl Mesh {
                     let mut outbound = ListenerBuilder::new("outbound", caller_port, "callee")
                         .traffic_direction(TrafficDirection::Outbound)
                         .http_filter(wasm_filter("label-enrich", &label_enrich, trust))
-                        .http_filter(wasm_filter("telemetry", &telemetry, telemetry_config))
+                        .http_filter(feature_filter(module, FEATURE, telemetry_config)?)
                         .access_log(&caller_flags_log, "%RESPONSE_FLAGS%");
                     if let Some(policy) = mesh.retry_policy {
                         outbound = outbound.retry_policy(policy);
@@ -271,9 +278,8 @@ fn series_count(envoy: &Envoy, name: &str) -> usize {
         .count()
 }
 
-#[test]
-fn request_counts_per_pair_and_code_are_exact_on_both_reporters() {
-    let mesh = Mesh::start("tm-counts", json!({})).unwrap();
+fn request_counts_per_pair_and_code_are_exact_on_both_reporters(module: ModuleUnderTest) {
+    let mesh = Mesh::start(module, "tm-counts", json!({})).unwrap();
     for index in 0..30 {
         let status: u16 = if index % 3 == 0 { 503 } else { 200 };
         let header = status.to_string();
@@ -316,13 +322,14 @@ fn request_counts_per_pair_and_code_are_exact_on_both_reporters() {
     }
 }
 
-#[test]
-fn unexpected_dependency_is_counted_and_logged_once_per_vm() {
+for_each_module!(request_counts_per_pair_and_code_are_exact_on_both_reporters);
+
+fn unexpected_dependency_is_counted_and_logged_once_per_vm(module: ModuleUnderTest) {
     let config = json!({"expected_dependencies": [
         {"source": "frontend", "destination": "inventory"},
         {"source": "*", "destination": "payments"},
     ]});
-    let mesh = Mesh::start("tm-unexpected", config).unwrap();
+    let mesh = Mesh::start(module, "tm-unexpected", config).unwrap();
     for _ in 0..12 {
         assert_eq!(mesh.call(mesh.caller_port, &[]), 200);
     }
@@ -356,11 +363,12 @@ fn unexpected_dependency_is_counted_and_logged_once_per_vm() {
     );
 }
 
-#[test]
-fn expected_dependencies_are_not_counted() {
+for_each_module!(unexpected_dependency_is_counted_and_logged_once_per_vm);
+
+fn expected_dependencies_are_not_counted(module: ModuleUnderTest) {
     let config =
         json!({"expected_dependencies": [{"source": "frontend", "destination": "checkout"}]});
-    let mesh = Mesh::start("tm-expected", config).unwrap();
+    let mesh = Mesh::start(module, "tm-expected", config).unwrap();
     for _ in 0..5 {
         assert_eq!(mesh.call(mesh.caller_port, &[]), 200);
     }
@@ -377,9 +385,11 @@ fn expected_dependencies_are_not_counted() {
     assert!(!mesh.caller.log().contains("unexpected dependency"));
 }
 
-#[test]
-fn forged_service_names_stop_at_max_series_plus_overflow() {
+for_each_module!(expected_dependencies_are_not_counted);
+
+fn forged_service_names_stop_at_max_series_plus_overflow(module: ModuleUnderTest) {
     let mesh = Mesh::start(
+        module,
         "tm-cardinality",
         json!({"max_series": 20, "dimensions": ["reporter", "source_service", "destination_service", "response_code"]}),
     )
@@ -422,6 +432,8 @@ fn forged_service_names_stop_at_max_series_plus_overflow() {
     );
     assert_eq!(total, FORGED, "no request is lost to the cap");
 }
+
+for_each_module!(forged_service_names_stop_at_max_series_plus_overflow);
 
 /// The upstream-failure flags as telemetry counts them, from Envoy's own `%RESPONSE_FLAGS%`
 /// (comma-separated short names): the mapping is checked against Envoy, not the docs.
@@ -471,9 +483,9 @@ fn failure_counts_from_metrics(
     counts
 }
 
-#[test]
-fn a_callee_that_is_down_counts_as_connection_failures() {
+fn a_callee_that_is_down_counts_as_connection_failures(module: ModuleUnderTest) {
     let mesh = Mesh::start_with(
+        module,
         "tm-down",
         json!({}),
         MeshOptions {
@@ -514,9 +526,10 @@ fn a_callee_that_is_down_counts_as_connection_failures() {
     );
 }
 
-#[test]
-fn an_application_resetting_mid_response_counts_under_envoys_own_flags() {
-    let mesh = Mesh::start("tm-reset", json!({})).unwrap();
+for_each_module!(a_callee_that_is_down_counts_as_connection_failures);
+
+fn an_application_resetting_mid_response_counts_under_envoys_own_flags(module: ModuleUnderTest) {
+    let mesh = Mesh::start(module, "tm-reset", json!({})).unwrap();
     for _ in 0..4 {
         assert_eq!(mesh.call(mesh.caller_port, &[("x-test-reset", b"1")]), 503);
     }
@@ -549,9 +562,11 @@ fn an_application_resetting_mid_response_counts_under_envoys_own_flags() {
     }
 }
 
-#[test]
-fn retries_match_envoys_own_retry_counter() {
+for_each_module!(an_application_resetting_mid_response_counts_under_envoys_own_flags);
+
+fn retries_match_envoys_own_retry_counter(module: ModuleUnderTest) {
     let mesh = Mesh::start_with(
+        module,
         "tm-retries",
         json!({}),
         MeshOptions {
@@ -598,6 +613,8 @@ fn retries_match_envoys_own_retry_counter() {
     );
 }
 
+for_each_module!(retries_match_envoys_own_retry_counter);
+
 /// PromQL's `histogram_quantile` over one histogram's cumulative buckets (`le` → count), as
 /// Prometheus computes it: linear interpolation inside the bucket holding the rank.
 fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
@@ -643,9 +660,11 @@ fn duration_buckets(envoy: &Envoy, labels: &[(&str, &str)]) -> Vec<(f64, f64)> {
     buckets
 }
 
-#[test]
-fn p95_and_p99_from_the_scraped_histograms_are_within_10_percent_of_the_truth() {
+fn p95_and_p99_from_the_scraped_histograms_are_within_10_percent_of_the_truth(
+    module: ModuleUnderTest,
+) {
     let mesh = Mesh::start_with(
+        module,
         "tm-quantiles",
         json!({}),
         MeshOptions {
@@ -703,6 +722,8 @@ fn p95_and_p99_from_the_scraped_histograms_are_within_10_percent_of_the_truth() 
     }
 }
 
+for_each_module!(p95_and_p99_from_the_scraped_histograms_are_within_10_percent_of_the_truth);
+
 /// The labels of the frontend → checkout pair plus `extra`.
 fn pair_labels<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut labels = vec![
@@ -724,9 +745,11 @@ fn requests_lines(envoy: &Envoy) -> String {
         .join("\n")
 }
 
-#[test]
-fn grpc_status_from_trailers_and_trailers_only_headers_is_exact_on_both_reporters() {
+fn grpc_status_from_trailers_and_trailers_only_headers_is_exact_on_both_reporters(
+    module: ModuleUnderTest,
+) {
     let mesh = Mesh::start_with(
+        module,
         "tm-grpc",
         json!({}),
         MeshOptions {
@@ -801,13 +824,15 @@ fn grpc_status_from_trailers_and_trailers_only_headers_is_exact_on_both_reporter
     }
 }
 
+for_each_module!(grpc_status_from_trailers_and_trailers_only_headers_is_exact_on_both_reporters);
+
 /// Envoy 1.40's `response.grpc_status` is never empty once there is a response code: without
 /// `grpc-status` in the trailers or the headers it is inferred from the HTTP status
 /// (`Grpc::Utility::httpToGrpcStatus`: 200 → 2 UNKNOWN, 503 → 14 UNAVAILABLE), so the
 /// filter's `unknown` does not show up for these.
-#[test]
-fn grpc_without_a_status_gets_the_status_envoy_infers_from_the_http_code() {
+fn grpc_without_a_status_gets_the_status_envoy_infers_from_the_http_code(module: ModuleUnderTest) {
     let mesh = Mesh::start_with(
+        module,
         "tm-grpc-nostatus",
         json!({}),
         MeshOptions {
@@ -846,9 +871,13 @@ fn grpc_without_a_status_gets_the_status_envoy_infers_from_the_http_code() {
     }
 }
 
-#[test]
-fn http2_and_http1_requests_count_as_http_without_grpc_status_on_both_reporters() {
+for_each_module!(grpc_without_a_status_gets_the_status_envoy_infers_from_the_http_code);
+
+fn http2_and_http1_requests_count_as_http_without_grpc_status_on_both_reporters(
+    module: ModuleUnderTest,
+) {
     let mesh = Mesh::start_with(
+        module,
         "tm-h2",
         json!({}),
         MeshOptions {
@@ -893,6 +922,8 @@ fn http2_and_http1_requests_count_as_http_without_grpc_status_on_both_reporters(
     counted(12);
 }
 
+for_each_module!(http2_and_http1_requests_count_as_http_without_grpc_status_on_both_reporters);
+
 /// Envoy's exposition reduced to eastwest's metric families (Envoy's own counters break
 /// Prometheus naming conventions that `promtool check metrics` lints).
 fn eastwest_exposition(envoy: &Envoy) -> String {
@@ -911,12 +942,12 @@ fn eastwest_exposition(envoy: &Envoy) -> String {
     out
 }
 
-#[test]
-fn a_real_prometheus_scrapes_both_sidecars_and_the_recording_rules_agree() {
+fn a_real_prometheus_scrapes_both_sidecars_and_the_recording_rules_agree(module: ModuleUnderTest) {
     use eastwest_e2e::prometheus::{promtool, Prometheus};
     use std::io::Write;
 
     let mesh = Mesh::start_with(
+        module,
         "tm-prometheus",
         json!({}),
         MeshOptions {
@@ -927,7 +958,7 @@ fn a_real_prometheus_scrapes_both_sidecars_and_the_recording_rules_agree() {
     .unwrap();
     let rules = eastwest_e2e::workspace_root().join("envoy-configs/prometheus/eastwest-rules.yaml");
     let prometheus = Prometheus::start(
-        "tm-prometheus",
+        &module.tag("tm-prometheus"),
         &[mesh.caller.admin_port(), mesh.callee.admin_port()],
         Some(&rules),
     )
@@ -1051,12 +1082,14 @@ fn a_real_prometheus_scrapes_both_sidecars_and_the_recording_rules_agree() {
     }
 }
 
+for_each_module!(a_real_prometheus_scrapes_both_sidecars_and_the_recording_rules_agree);
+
 /// A gRPC call the app resets: Envoy answers it itself as gRPC does, trailers-only with HTTP
 /// 200 and `grpc-status: 14` (UNAVAILABLE), so both reporters count `response_code="200"`,
 /// `grpc_status="14"`: for gRPC, failures show in `grpc_status`, not in `response_code`.
-#[test]
-fn a_reset_grpc_call_counts_as_200_with_envoys_local_grpc_status_14() {
+fn a_reset_grpc_call_counts_as_200_with_envoys_local_grpc_status_14(module: ModuleUnderTest) {
     let mesh = Mesh::start_with(
+        module,
         "tm-grpc-reset",
         json!({}),
         MeshOptions {
@@ -1087,3 +1120,5 @@ fn a_reset_grpc_call_counts_as_200_with_envoys_local_grpc_status_14() {
         );
     }
 }
+
+for_each_module!(a_reset_grpc_call_counts_as_200_with_envoys_local_grpc_status_14);
