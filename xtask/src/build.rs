@@ -13,7 +13,10 @@ cargo xtask build
 
 Builds every filter under filters/ (crate eastwest-<name>) for wasm32-unknown-unknown in
 release, copies each module to dist/<name>.wasm (the sidecar, all three features in one
-module, to dist/eastwest.wasm) and prints the sizes. The separate modules build in one cargo
+module, to dist/eastwest.wasm) and prints the sizes. A filter whose Cargo.toml lists the
+proxy-wasm callbacks it implements (`[package.metadata.eastwest] callbacks = [...]`) keeps
+only those of the SDK's stream callbacks in its exports: Envoy then skips the others instead
+of calling into the VM for the SDK's default answer. The separate modules build in one cargo
 invocation, the sidecar in a second one (it links them with their `embedded` feature).
 Then builds the harness's SDK example filters (harness/sdk-filters/<name>/, package
 sdk-<name>) for their target (wasm32-unknown-unknown, or wasm32-wasip1 when the manifest says
@@ -131,11 +134,16 @@ pub fn build_wasm_modules(ws: &Workspace) -> Result<Vec<BuiltModule>> {
             );
         }
         let path = dist.join(filter.dist_file_name());
-        fs::copy(&artifact, &path).context(format!(
-            "copying {} to {}",
-            artifact.display(),
-            path.display()
-        ))?;
+        let wasm = fs::read(&artifact).context(format!("reading {}", artifact.display()))?;
+        let wasm = match &filter.callbacks {
+            Some(callbacks) => {
+                crate::exports::prune_callbacks(&wasm, callbacks)
+                    .map_err(|e| crate::error::Error::msg(format!("{}: {e}", artifact.display())))?
+                    .0
+            }
+            None => wasm,
+        };
+        fs::write(&path, wasm).context(format!("writing {}", path.display()))?;
         let size_bytes = fs::metadata(&path)
             .context(format!("reading {}", path.display()))?
             .len();

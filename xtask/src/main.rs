@@ -5,6 +5,7 @@ mod build;
 mod demo;
 mod envoy;
 mod error;
+mod exports;
 mod package;
 mod process;
 mod retry_storm;

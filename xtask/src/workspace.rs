@@ -28,6 +28,9 @@ pub struct Filter {
     /// built in a cargo invocation of its own: in the same one, feature unification would take
     /// the entry point out of the separate modules.
     pub embeds_filters: bool,
+    /// The proxy-wasm callbacks it implements (`[package.metadata.eastwest] callbacks`): the
+    /// build removes the other stream callbacks from its exports; `None`: it keeps them all.
+    pub callbacks: Option<Vec<String>>,
 }
 
 /// A small filter written the way proxy-wasm SDK users write them, used only to test the
@@ -161,6 +164,7 @@ pub fn discover_filters(filters_dir: &Path) -> Result<Vec<Filter>> {
                 module: table_value(&manifest, "[package.metadata.eastwest]", "module")
                     .unwrap_or_else(|| name.clone()),
                 embeds_filters: manifest.contains(r#"features = ["embedded"]"#),
+                callbacks: crate::exports::declared_callbacks(&manifest),
                 name,
                 package,
             }),
@@ -357,18 +361,21 @@ version = "0.2.100"
                     package: "eastwest-label-enrich".into(),
                     module: "label-enrich".into(),
                     embeds_filters: false,
+                    callbacks: None,
                 },
                 Filter {
                     name: "retry-budget".into(),
                     package: "eastwest-retry-budget".into(),
                     module: "retry-budget".into(),
                     embeds_filters: false,
+                    callbacks: None,
                 },
                 Filter {
                     name: "sidecar".into(),
                     package: "eastwest-sidecar".into(),
                     module: "eastwest".into(),
                     embeds_filters: true,
+                    callbacks: None,
                 },
             ]
         );

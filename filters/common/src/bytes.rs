@@ -3,6 +3,7 @@
 //! values on every request, so this is where instructions go.
 
 /// Whether `a` and `b` hold the same bytes.
+#[inline]
 pub fn equal(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -12,6 +13,17 @@ pub fn equal(a: &[u8], b: &[u8]) -> bool {
         return a.iter().zip(b).all(|(x, y)| x == y);
     }
     let mut index = 0;
+    // Four words per turn, one branch: the loop's own instructions dominate on wasm32.
+    while index + 32 <= length {
+        let difference = (word_at(a, index) ^ word_at(b, index))
+            | (word_at(a, index + 8) ^ word_at(b, index + 8))
+            | (word_at(a, index + 16) ^ word_at(b, index + 16))
+            | (word_at(a, index + 24) ^ word_at(b, index + 24));
+        if difference != 0 {
+            return false;
+        }
+        index += 32;
+    }
     while index + 8 <= length {
         if word_at(a, index) != word_at(b, index) {
             return false;

@@ -84,6 +84,8 @@ struct Stream {
 
 impl Context for Stream {}
 
+// The callbacks implemented here are listed in Cargo.toml (`callbacks`); the build removes
+// the SDK's other stream callbacks from the exports.
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let features = &self.features;

@@ -19,7 +19,7 @@ use eastwest_common::resolve::{
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::Settings;
 use crate::dependencies::is_expected;
@@ -564,11 +564,8 @@ struct Stream {
 
 impl Context for Stream {}
 
+// Only `on_log`: the module exports no other stream callback (Cargo.toml `callbacks`).
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        Action::Continue
-    }
-
     /// Once per request, when Envoy has finished with it: every outcome is known then.
     fn on_log(&mut self) {
         self.shared.on_log(&mut Exchange::default());
