@@ -1,6 +1,8 @@
 //! The shipped static Envoy configurations (`envoy-configs/static/`) load in the oldest and the
 //! newest supported Envoy, carry the shared fragments unchanged, place the filters as
-//! documented, and a complete sidecar pair serves traffic with the metrics the docs promise.
+//! documented (the complete sidecars run `dist/eastwest.wasm`, one filter per listener, with
+//! exactly the settings the three separate filters had; the minimal examples one separate module
+//! each), and a complete sidecar pair serves traffic with the metrics the docs promise.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,13 @@ use eastwest_e2e::{
 };
 use serde_json::{json, Value};
 
+#[path = "support/sidecar_config.rs"]
+mod sidecar_config;
+use sidecar_config::features_of_module;
+
+/// The separate modules; `eastwest` is the one-module sidecar (DESIGN.md §8).
 const FILTERS: [&str; 3] = ["label-enrich", "telemetry", "retry-budget"];
+const MODULES: [&str; 4] = ["eastwest", "label-enrich", "telemetry", "retry-budget"];
 
 /// Every file these tests know about; a new file under envoy-configs/static must be added here
 /// (and is then checked like the others).
@@ -39,13 +47,13 @@ fn envoys() -> Vec<(&'static str, PathBuf)> {
 }
 
 fn require_filters() {
-    for filter in FILTERS {
-        dist_wasm(filter).unwrap();
+    for module in MODULES {
+        dist_wasm(module).unwrap();
     }
 }
 
 /// `envoy --mode validate` from the repository root, as the configs' comments say, so that
-/// `dist/<filter>.wasm` resolves.
+/// `dist/<module>.wasm` resolves.
 fn validate(envoy: &Path, config: &Path) -> (bool, String) {
     eastwest_e2e::envoy::validate_config(envoy, config, &workspace_root())
 }
@@ -104,23 +112,24 @@ fn every_static_config_validates_on_the_oldest_and_the_newest_envoy() {
 }
 
 /// A filter that refuses its configuration makes validation fail on both Envoy versions, with
-/// the filter's own message: `--mode validate` really runs every filter of the sidecars,
-/// including retry-budget as an upstream filter of a cluster.
+/// the module's own message naming the path: `--mode validate` really runs every filter of the
+/// sidecars, eastwest.wasm on both listeners (a shared setting, a setting in each section, a
+/// misspelt section) and retry-budget's own module as an upstream filter of a cluster.
 #[test]
 fn a_broken_filter_configuration_fails_validation_on_both_envoys() {
     require_filters();
     let cases = [
         (
             "sidecar-client-headers.yaml",
-            r#"{"direction": "inbound", "peer_trust": "any"}"#,
-            r#"{"direction": "inbound", "peer_trust": "sometimes"}"#,
-            "eastwest-label-enrich: invalid configuration: peer_trust: unknown variant `sometimes`",
+            r#""peer_trust": "any","#,
+            r#""peer_trust": "sometimes","#,
+            "eastwest: invalid configuration: peer_trust: unknown variant `sometimes`",
         ),
         (
             "sidecar-client-headers.yaml",
-            r#"{"direction": "outbound", "peer_trust": "any", "expected_dependencies""#,
-            r#"{"direction": "outbound", "peer_trust": "any", "max_series": 0, "expected_dependencies""#,
-            "eastwest-telemetry: invalid configuration: max_series",
+            r#""telemetry": {"expected_dependencies": ["#,
+            r#""telemetry": {"max_series": 0, "expected_dependencies": ["#,
+            "eastwest: invalid configuration: telemetry.max_series",
         ),
         (
             "sidecar-client.yaml",
@@ -130,9 +139,21 @@ fn a_broken_filter_configuration_fails_validation_on_both_envoys() {
         ),
         (
             "sidecar-client-headers.yaml",
-            r#"{"mode": "server", "peer_trust": "any"}"#,
-            r#"{"mode": "server", "peer_trust": "any", "ratio": -1}"#,
-            "eastwest-retry-budget: invalid configuration: ratio",
+            r#""retry_budget": {"mode": "server"}"#,
+            r#""retry_budget": {"mode": "server", "ratio": -1}"#,
+            "eastwest: invalid configuration: retry_budget.ratio",
+        ),
+        (
+            "sidecar-client.yaml",
+            r#""label_enrich": {},"#,
+            r#""labels_enrich": {},"#,
+            "eastwest: invalid configuration: labels_enrich: unknown field",
+        ),
+        (
+            "sidecar-client-headers.yaml",
+            r#""direction": "outbound","#,
+            r#""direction": "outwards","#,
+            "eastwest: invalid configuration: direction",
         ),
     ];
     for (index, (file, good, bad, message)) in cases.into_iter().enumerate() {
@@ -163,7 +184,9 @@ fn static_configs_carry_exactly_the_fragments_stats_tags_and_buckets() {
             value["stats_config"]["stats_tags"], tags,
             "{config}: stats_tags differ from envoy-configs/fragments/stats-tags.yaml"
         );
-        let loads_telemetry = !wasm_filters(&value, "telemetry").is_empty();
+        let loads_telemetry = features(&value)
+            .iter()
+            .any(|(feature, _, _)| feature == "telemetry");
         if loads_telemetry {
             assert_eq!(
                 value["stats_config"]["histogram_bucket_settings"], buckets,
@@ -187,27 +210,52 @@ fn stats_tags_fragment_matches_the_tags_the_filters_emit() {
     }
 }
 
-/// Every object in `value` that is an HTTP filter loading `dist/<filter>.wasm`, with its
-/// parsed JSON configuration.
-fn wasm_filters(value: &Value, filter: &str) -> Vec<Value> {
+/// Every object in `value` that is an HTTP filter loading a module from `dist/`: the module
+/// (`dist/<module>.wasm`), its `vm_config` and its parsed JSON configuration.
+fn all_wasm_filters(value: &Value) -> Vec<(String, Value, Value)> {
     let mut found = Vec::new();
     walk(value, &mut |v| {
         let Some(config) = v.pointer("/typed_config/config") else {
             return;
         };
-        let file = config
+        let Some(module) = config
             .pointer("/vm_config/code/local/filename")
             .and_then(Value::as_str)
-            .unwrap_or_default();
-        if file == format!("dist/{filter}.wasm") {
-            let json = config
-                .pointer("/configuration/value")
-                .and_then(Value::as_str)
-                .unwrap_or("{}");
-            found.push(serde_json::from_str(json).unwrap());
-        }
+            .and_then(|file| file.strip_prefix("dist/")?.strip_suffix(".wasm"))
+        else {
+            return;
+        };
+        let json = config
+            .pointer("/configuration/value")
+            .and_then(Value::as_str)
+            .unwrap_or("{}");
+        let parsed: Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{module}: {e}: {json}"));
+        found.push((module.to_string(), config["vm_config"].clone(), parsed));
     });
     found
+}
+
+/// The configurations of the HTTP filters in `value` that load `dist/<module>.wasm`.
+fn wasm_filters(value: &Value, module: &str) -> Vec<Value> {
+    all_wasm_filters(value)
+        .into_iter()
+        .filter(|(m, _, _)| m == module)
+        .map(|(_, _, config)| config)
+        .collect()
+}
+
+/// What runs each feature in `value`, wherever it runs: (feature, the module that runs it,
+/// the configuration the feature gets, with eastwest.wasm's shared settings merged in).
+fn features(value: &Value) -> Vec<(String, String, Value)> {
+    all_wasm_filters(value)
+        .into_iter()
+        .flat_map(|(module, _, config)| {
+            features_of_module(&module, &config)
+                .into_iter()
+                .map(move |(feature, config)| (feature.to_string(), module.clone(), config))
+        })
+        .collect()
 }
 
 fn walk(value: &Value, visit: &mut dyn FnMut(&Value)) {
@@ -250,11 +298,45 @@ fn filter_names(filters: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// The places DESIGN.md §5 and the configs' comments promise: all three filters on both
-/// listeners (label-enrich first, the router last), retry-budget in `server` mode inbound,
-/// in `client-headers` mode on the outbound listener or in `client` mode as an upstream
-/// filter of every destination cluster, attempt counts and jittered backoff on every
-/// outbound route, and the shared access-log format.
+/// The Wasm HTTP filters of a listener or cluster filter list: (module, vm_config, config).
+fn wasm_filters_of_chain(filters: &Value) -> Vec<(String, Value, Value)> {
+    all_wasm_filters(filters)
+}
+
+/// The telemetry `expected_dependencies` of the shipped sidecars.
+fn expected_dependencies() -> Value {
+    json!([
+        {"source": "frontend", "destination": "checkout"},
+        {"source": "checkout", "destination": "payments"},
+        {"source": "checkout", "destination": "inventory"},
+    ])
+}
+
+/// The retry budget of the shipped sidecars' callers, without its mode.
+fn caller_budget(mode: &str) -> Value {
+    json!({
+        "mode": mode,
+        "ratio": 0.2,
+        "min_retries_per_second": 10,
+        "ttl_seconds": 10,
+        "destinations": {"payments": {"ratio": 0.1, "min_retries_per_second": 5}},
+    })
+}
+
+fn with(mut base: Value, extra: Value) -> Value {
+    base.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    base
+}
+
+/// The places DESIGN.md §5 and §8 and the configs' comments promise: one `eastwest` filter
+/// (dist/eastwest.wasm) then the router on both listeners, one VM for both; on the inbound
+/// listener label-enrich, telemetry and retry-budget in `server` mode; on the outbound listener
+/// label-enrich, telemetry and retry-budget in `client-headers` mode, or retry-budget's own
+/// module in `client` mode as an upstream filter of every destination cluster; each feature with
+/// exactly the settings the three separate filters had; attempt counts and jittered backoff on
+/// every outbound route, and the shared access-log format.
 #[test]
 fn sidecars_place_the_filters_retries_and_access_logs_as_documented() {
     let access_log_format = format!(
@@ -265,45 +347,84 @@ fn sidecars_place_the_filters_retries_and_access_logs_as_documented() {
         .unwrap()
         .trim_end_matches('\n')
     );
+    let any = json!({"peer_trust": "any"});
     for (file, budget_on_clusters) in [
         ("sidecar-client-headers.yaml", false),
         ("sidecar-client.yaml", true),
     ] {
         let config = load(file);
         let inbound = hcm(listener(&config, "inbound"));
-        assert_eq!(
-            filter_names(&inbound["http_filters"]),
-            [
-                "eastwest.label_enrich",
-                "eastwest.telemetry",
-                "eastwest.retry_budget",
-                "envoy.filters.http.router"
-            ],
-            "{file} inbound"
-        );
         let outbound = hcm(listener(&config, "outbound"));
-        let expected_outbound: &[&str] = if budget_on_clusters {
-            &[
-                "eastwest.label_enrich",
-                "eastwest.telemetry",
-                "envoy.filters.http.router",
-            ]
-        } else {
-            &[
-                "eastwest.label_enrich",
-                "eastwest.telemetry",
-                "eastwest.retry_budget",
-                "envoy.filters.http.router",
-            ]
-        };
+        let mut listener_vms = Vec::new();
+        for (name, listener_hcm) in [("inbound", inbound), ("outbound", outbound)] {
+            assert_eq!(
+                filter_names(&listener_hcm["http_filters"]),
+                ["eastwest", "envoy.filters.http.router"],
+                "{file} {name}: one eastwest.wasm filter, then the router"
+            );
+            let wasm = wasm_filters_of_chain(&listener_hcm["http_filters"]);
+            assert_eq!(wasm.len(), 1, "{file} {name}");
+            let (module, vm_config, _) = &wasm[0];
+            assert_eq!(module, "eastwest", "{file} {name}");
+            listener_vms.push(vm_config.clone());
+        }
         assert_eq!(
-            filter_names(&outbound["http_filters"]),
-            expected_outbound,
-            "{file} outbound"
+            listener_vms[0], listener_vms[1],
+            "{file}: both listeners share one VM (same vm_config)"
         );
-        let mut modes: Vec<String> = wasm_filters(&config, "retry-budget")
-            .iter()
-            .map(|c| c["mode"].as_str().unwrap_or("client-headers").to_string())
+
+        // Each feature with the settings the separate filters had.
+        let inbound_features = features_of_module(
+            "eastwest",
+            &wasm_filters_of_chain(&inbound["http_filters"])[0].2,
+        );
+        let expected_inbound = BTreeMap::from([
+            (
+                "label-enrich",
+                with(json!({"direction": "inbound"}), any.clone()),
+            ),
+            (
+                "telemetry",
+                with(
+                    json!({"direction": "inbound", "expected_dependencies": expected_dependencies()}),
+                    any.clone(),
+                ),
+            ),
+            ("retry-budget", with(json!({"mode": "server"}), any.clone())),
+        ]);
+        assert_eq!(inbound_features, expected_inbound, "{file} inbound");
+        let outbound_features = features_of_module(
+            "eastwest",
+            &wasm_filters_of_chain(&outbound["http_filters"])[0].2,
+        );
+        let mut expected_outbound = BTreeMap::from([
+            (
+                "label-enrich",
+                with(json!({"direction": "outbound"}), any.clone()),
+            ),
+            (
+                "telemetry",
+                with(
+                    json!({"direction": "outbound", "expected_dependencies": expected_dependencies()}),
+                    any.clone(),
+                ),
+            ),
+        ]);
+        if !budget_on_clusters {
+            // peer_trust reaches retry-budget from the top level; in `client-headers` mode it
+            // has no effect (the budget is keyed by the upstream cluster).
+            expected_outbound.insert(
+                "retry-budget",
+                with(caller_budget("client-headers"), any.clone()),
+            );
+        }
+        assert_eq!(outbound_features, expected_outbound, "{file} outbound");
+
+        // Where retry-budget runs, in which mode, in which module.
+        let mut modes: Vec<(String, String)> = features(&config)
+            .into_iter()
+            .filter(|(feature, _, _)| feature == "retry-budget")
+            .map(|(_, module, c)| (c["mode"].as_str().unwrap().to_string(), module))
             .collect();
         modes.sort();
         let destinations = outbound["route_config"]["virtual_hosts"]
@@ -311,13 +432,21 @@ fn sidecars_place_the_filters_retries_and_access_logs_as_documented() {
             .unwrap();
         assert!(!destinations.is_empty());
         if budget_on_clusters {
-            // One upstream filter per destination cluster (a YAML alias repeats it), plus the
-            // inbound one.
-            let mut expected = vec!["client".to_string(); destinations.len()];
-            expected.push("server".into());
+            // One upstream filter per destination cluster (a YAML alias repeats it), in
+            // retry-budget's own module, plus the inbound listener's `server` mode.
+            let mut expected =
+                vec![("client".to_string(), "retry-budget".to_string()); destinations.len()];
+            expected.push(("server".into(), "eastwest".into()));
             assert_eq!(modes, expected, "{file}");
         } else {
-            assert_eq!(modes, ["client-headers", "server"], "{file}");
+            assert_eq!(
+                modes,
+                [
+                    ("client-headers".to_string(), "eastwest".to_string()),
+                    ("server".into(), "eastwest".into())
+                ],
+                "{file}"
+            );
         }
         for (name, listener_hcm) in [("inbound", inbound), ("outbound", outbound)] {
             assert_eq!(
@@ -352,18 +481,31 @@ fn sidecars_place_the_filters_retries_and_access_logs_as_documented() {
                     ["eastwest.retry_budget", "envoy.filters.http.upstream_codec"],
                     "{file} cluster {route_cluster}"
                 );
+                let wasm = wasm_filters_of_chain(&upstream_filters);
+                assert_eq!(wasm.len(), 1, "{file} cluster {route_cluster}");
+                assert_eq!(wasm[0].0, "retry-budget", "{file} cluster {route_cluster}");
+                assert_eq!(
+                    wasm[0].2,
+                    caller_budget("client"),
+                    "{file} cluster {route_cluster}"
+                );
             } else {
                 assert!(upstream_filters.is_null(), "{file} cluster {route_cluster}");
             }
         }
     }
-    // The minimal examples: exactly one eastwest filter each, the one they are named after.
+    // The minimal examples: exactly one eastwest filter each, the separate module they are
+    // named after.
     for filter in FILTERS {
         let file = format!("minimal/{filter}.yaml");
         let config = load(&file);
-        for other in FILTERS {
-            let count = wasm_filters(&config, other).len();
-            assert_eq!(count, usize::from(other == filter), "{file} loads {other}");
+        for module in MODULES {
+            let count = wasm_filters(&config, module).len();
+            assert_eq!(
+                count,
+                usize::from(module == filter),
+                "{file} loads {module}"
+            );
         }
     }
 }
@@ -521,9 +663,9 @@ fn the_sidecar_pair_also_serves_on_the_oldest_envoy() {
     );
 }
 
-/// `checkout` runs sidecar-client.yaml (retry-budget as an upstream filter), `payments` runs
-/// sidecar-client-headers.yaml (retry-budget `server` mode inbound); the test app stands
-/// behind payments. A call from checkout's application through both sidecars arrives with
+/// `checkout` runs sidecar-client.yaml (eastwest.wasm on its listeners, retry-budget's own
+/// module as an upstream filter), `payments` runs sidecar-client-headers.yaml (eastwest.wasm
+/// with retry-budget in `server` mode inbound); the test app stands behind payments. A call from checkout's application through both sidecars arrives with
 /// checkout's labels in `baggage`, both sidecars count it with both ends' labels, and a
 /// failing call is retried twice under the retry budget, on both sides.
 ///
