@@ -10,9 +10,12 @@
 //!   CEL rule (`x-kubernetes-validations`) of this CRD has a Rust equivalent, and a rule this
 //!   test does not know fails the test; `x-kubernetes-list-type: map` lists must not repeat
 //!   their keys. Then each plugin's `pluginConfig`, rendered to JSON as Istio renders it, is
-//!   given to the filter's own `on_configure` in the harness: a key or value the filter refuses
+//!   given to the module's own `on_configure` in the harness: a key or value the module refuses
 //!   fails the test. And the url, order, direction and fail strategy follow the project's
 //!   contracts (`cargo xtask package`'s image names, label-enrich first).
+//! - The default, `eastwest.yaml`: one plugin per side loading `dist/eastwest.wasm` with the
+//!   three features; the alternative, `separate-modules/`: one plugin per side and feature. Both
+//!   are checked alike, and each feature gets the same settings from either.
 //! - EnvoyFilter (retry-budget in `client` mode): its cluster patch, merged into a cluster the
 //!   way Istio merges it, is loaded by real Envoy (`--mode validate`, which builds the upstream
 //!   filter chain and runs the module's `on_configure`).
@@ -21,7 +24,7 @@
 //!
 //! A mutation test shows the validator refuses broken manifests, so it cannot pass everything.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use eastwest_e2e::{dist_wasm, envoy_binary, envoy_oldest_binary, workspace_root};
@@ -29,32 +32,68 @@ use eastwest_harness::{Harness, Options};
 use serde::Deserialize as _;
 use serde_json::{json, Map, Value};
 
+#[path = "support/sidecar_config.rs"]
+mod sidecar_config;
+use sidecar_config::features_of_module;
+
 const CRD: &str = include_str!("../testdata/istio/wasmplugin-crd.yaml");
-/// The filters, in the order they must run on each side of a call.
+/// The features, in the order they must run on each side of a call.
 const FILTERS: [&str; 3] = ["label-enrich", "telemetry", "retry-budget"];
+/// The modules a WasmPlugin may load: the one-module sidecar and the separate ones.
+const MODULES: [&str; 4] = ["eastwest", "label-enrich", "telemetry", "retry-budget"];
+/// The subdirectory of envoy-configs/istio/ with the separate modules' plugins, the
+/// alternative to the default `eastwest.yaml` at the top.
+const SEPARATE: &str = "separate-modules";
 
 /// One YAML document of a file in envoy-configs/istio/.
 struct Doc {
     place: String,
+    /// The subdirectory of envoy-configs/istio/ holding the file: "" (the default set) or
+    /// [`SEPARATE`].
+    set: String,
     value: Value,
 }
 
 fn manifests() -> Vec<Doc> {
-    let dir = workspace_root().join("envoy-configs/istio");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| {
-            path.extension()
+    let root = workspace_root().join("envoy-configs/istio");
+    let mut docs = Vec::new();
+    let mut subdirs = Vec::new();
+    for set in ["", SEPARATE] {
+        let dir = root.join(set);
+        let mut files: Vec<PathBuf> = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                subdirs.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            } else if path
+                .extension()
                 .is_some_and(|ext| ext == "yaml" || ext == "yml")
-        })
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in {}", dir.display());
+            {
+                files.push(path);
+            }
+        }
+        files.sort();
+        assert!(!files.is_empty(), "no manifests in {}", dir.display());
+        docs.extend(documents(&files, set));
+    }
+    assert_eq!(
+        subdirs,
+        [SEPARATE],
+        "the subdirectories of envoy-configs/istio/ are the ones this test reads"
+    );
+    docs
+}
+
+fn documents(files: &[PathBuf], set: &str) -> Vec<Doc> {
     let mut docs = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
+        let text = std::fs::read_to_string(file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let name = if set.is_empty() {
+            name
+        } else {
+            format!("{set}/{name}")
+        };
         for (index, document) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
             let value = serde_yaml_ng::Value::deserialize(document)
                 .unwrap_or_else(|e| panic!("{name} document {}: {e}", index + 1));
@@ -65,6 +104,7 @@ fn manifests() -> Vec<Doc> {
                 .unwrap_or_else(|e| panic!("{name} document {}: {e}", index + 1));
             docs.push(Doc {
                 place: format!("{name} (document {})", index + 1),
+                set: set.to_owned(),
                 value,
             });
         }
@@ -334,7 +374,7 @@ impl CrdValidator {
 // ---------------------------------------------------------------------------------------
 // The filters
 
-/// The filter a WasmPlugin loads, from its url `oci://<registry>/<filter>:<tag>`.
+/// The module a WasmPlugin loads, from its url `oci://<registry>/<module>:<tag>`.
 fn filter_of(plugin: &Value) -> String {
     let url = plugin["spec"]["url"].as_str().unwrap_or_default();
     let repository = url.rsplit('/').next().unwrap_or_default();
@@ -393,9 +433,9 @@ fn sidecar_properties(outbound: bool) -> Value {
     }})
 }
 
-/// Loads the filter with this configuration and runs its `on_configure`.
-fn configure(filter: &str, config: &Value, outbound: bool) -> Result<(), String> {
-    let wasm = std::fs::read(dist_wasm(filter).unwrap()).unwrap();
+/// Loads `dist/<module>.wasm` with this configuration and runs its `on_configure`.
+fn configure(module: &str, config: &Value, outbound: bool) -> Result<(), String> {
+    let wasm = std::fs::read(dist_wasm(module).unwrap()).unwrap();
     Harness::new(
         &wasm,
         Options {
@@ -446,6 +486,53 @@ fn wasm_plugins(docs: &[Doc]) -> Vec<&Doc> {
         .collect()
 }
 
+/// The WasmPlugins of one set: "" (the default, eastwest.yaml) or [`SEPARATE`].
+fn plugins_of_set<'a>(docs: &'a [Doc], set: &str) -> Vec<&'a Doc> {
+    wasm_plugins(docs)
+        .into_iter()
+        .filter(|doc| doc.set == set)
+        .collect()
+}
+
+/// Each feature a plugin runs, with the configuration the feature gets (eastwest.wasm's shared
+/// settings merged into its sections), as Istio hands it over.
+fn plugin_features(plugin: &Value) -> BTreeMap<&'static str, Value> {
+    let config = as_struct_json(&plugin["spec"]["pluginConfig"]);
+    features_of_module(&filter_of(plugin), &config)
+}
+
+/// Istio's order of a sidecar's plugins on one side: by phase, then by priority, higher first
+/// (ties by name: the tests refuse them).
+fn in_istio_order(mut plugins: Vec<&Value>) -> Vec<&Value> {
+    plugins.sort_by_key(|plugin| {
+        (
+            phase_rank(plugin),
+            -plugin["spec"]["priority"].as_i64().unwrap_or(0),
+        )
+    });
+    plugins
+}
+
+/// The features of a set's plugins on one side, in the order they run: the plugins in Istio's
+/// order, eastwest.wasm's features in the order of the separate modules' chain
+/// (docs/filters/sidecar.md, "Order inside the filter").
+fn features_in_order(docs: &[Doc], set: &str, mode: &str) -> Vec<&'static str> {
+    let plugins = plugins_of_set(docs, set)
+        .into_iter()
+        .map(|doc| &doc.value)
+        .filter(|plugin| mode_of(plugin) == mode)
+        .collect();
+    in_istio_order(plugins)
+        .into_iter()
+        .flat_map(|plugin| {
+            let features = plugin_features(plugin);
+            FILTERS
+                .into_iter()
+                .filter(move |feature| features.contains_key(feature))
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 
@@ -480,13 +567,17 @@ fn every_document_is_a_kind_this_test_checks() {
 fn wasm_plugins_are_valid_against_the_crd() {
     let validator = crd_validator();
     let docs = manifests();
-    let plugins = wasm_plugins(&docs);
     assert_eq!(
-        plugins.len(),
-        6,
-        "two WasmPlugins (CLIENT, SERVER) per filter"
+        plugins_of_set(&docs, "").len(),
+        2,
+        "the default: two WasmPlugins (CLIENT, SERVER) loading eastwest.wasm"
     );
-    for doc in plugins {
+    assert_eq!(
+        plugins_of_set(&docs, SEPARATE).len(),
+        6,
+        "{SEPARATE}/: two WasmPlugins (CLIENT, SERVER) per filter"
+    );
+    for doc in wasm_plugins(&docs) {
         let errors = validator.errors(&doc.value);
         assert!(
             errors.is_empty(),
@@ -498,50 +589,100 @@ fn wasm_plugins_are_valid_against_the_crd() {
 }
 
 #[test]
-fn each_plugin_config_is_accepted_by_its_filter() {
+fn each_plugin_config_is_accepted_by_its_module() {
     let docs = manifests();
     for doc in wasm_plugins(&docs) {
-        let filter = filter_of(&doc.value);
+        let module = filter_of(&doc.value);
         assert!(
-            FILTERS.contains(&filter.as_str()),
-            "{}: unknown filter {filter:?}",
+            MODULES.contains(&module.as_str()),
+            "{}: unknown module {module:?}",
             doc.place
         );
         let config = as_struct_json(&doc.value["spec"]["pluginConfig"]);
         let outbound = mode_of(&doc.value) == "CLIENT";
-        configure(&filter, &config, outbound)
-            .unwrap_or_else(|e| panic!("{}: {filter} refuses its pluginConfig: {e}", doc.place));
+        configure(&module, &config, outbound)
+            .unwrap_or_else(|e| panic!("{}: {module} refuses its pluginConfig: {e}", doc.place));
+        if module == "eastwest" {
+            // Each feature alone (its section and the shared settings), as a user who removes
+            // the other sections has it; the CLIENT plugin without `retry_budget` is the one
+            // that goes with the client-mode EnvoyFilter.
+            for (section, _) in sidecar_config::FEATURES {
+                let mut alone = config.clone();
+                let top = alone.as_object_mut().unwrap();
+                top.retain(|key, _| {
+                    key == section
+                        || !sidecar_config::FEATURES
+                            .iter()
+                            .any(|(other, _)| other == key)
+                });
+                configure(&module, &alone, outbound).unwrap_or_else(|e| {
+                    panic!("{}: {module} refuses only {section}: {e}", doc.place)
+                });
+                let mut without = config.clone();
+                without.as_object_mut().unwrap().remove(section);
+                configure(&module, &without, outbound).unwrap_or_else(|e| {
+                    panic!("{}: {module} refuses it without {section}: {e}", doc.place)
+                });
+            }
+        }
     }
 }
 
 #[test]
-fn a_typo_in_a_plugin_config_is_refused_by_the_filter() {
+fn a_typo_in_a_plugin_config_is_refused_by_the_module() {
     let docs = manifests();
     for doc in wasm_plugins(&docs) {
-        let filter = filter_of(&doc.value);
+        let module = filter_of(&doc.value);
         let outbound = mode_of(&doc.value) == "CLIENT";
         let config = as_struct_json(&doc.value["spec"]["pluginConfig"]);
+        let refused = |broken: &Value, expected: &str| {
+            let error = configure(&module, broken, outbound).unwrap_err();
+            assert!(
+                error.contains(expected),
+                "{}: expected {expected:?} in {error}",
+                doc.place
+            );
+        };
+        let prefix = format!("eastwest-{module}: invalid configuration: ");
+        let prefix = if module == "eastwest" {
+            "eastwest: invalid configuration: "
+        } else {
+            prefix.as_str()
+        };
         let mut unknown_key = config.clone();
         unknown_key["peer_trsut"] = json!("mtls");
-        let error = configure(&filter, &unknown_key, outbound).unwrap_err();
-        assert!(
-            error.contains("invalid configuration"),
-            "{}: {error}",
-            doc.place
-        );
+        refused(&unknown_key, &format!("{prefix}peer_trsut"));
         let mut bad_value = config.clone();
         bad_value["peer_trust"] = json!("mTLS");
-        let error = configure(&filter, &bad_value, outbound).unwrap_err();
-        assert!(error.contains("peer_trust"), "{}: {error}", doc.place);
-        let (field, wrong) = if filter == "retry-budget" {
-            ("mode", "client_headers")
+        refused(&bad_value, &format!("{prefix}peer_trust"));
+        if module == "eastwest" {
+            let mut bad_direction = config.clone();
+            bad_direction["direction"] = json!("out");
+            refused(&bad_direction, &format!("{prefix}direction"));
+            let mut bad_mode = config.clone();
+            bad_mode["retry_budget"]["mode"] = json!("client_headers");
+            refused(&bad_mode, &format!("{prefix}retry_budget.mode"));
+            let mut typo_in_section = config.clone();
+            typo_in_section["telemetry"]["max_seris"] = json!(1000);
+            refused(&typo_in_section, &format!("{prefix}telemetry.max_seris"));
+            let mut misspelt_section = config.clone();
+            let section = misspelt_section
+                .as_object_mut()
+                .unwrap()
+                .remove("label_enrich")
+                .unwrap();
+            misspelt_section["labels_enrich"] = section;
+            refused(&misspelt_section, &format!("{prefix}labels_enrich"));
         } else {
-            ("direction", "out")
-        };
-        let mut bad_enum = config.clone();
-        bad_enum[field] = json!(wrong);
-        let error = configure(&filter, &bad_enum, outbound).unwrap_err();
-        assert!(error.contains(field), "{}: {error}", doc.place);
+            let (field, wrong) = if module == "retry-budget" {
+                ("mode", "client_headers")
+            } else {
+                ("direction", "out")
+            };
+            let mut bad_enum = config.clone();
+            bad_enum[field] = json!(wrong);
+            refused(&bad_enum, &format!("{prefix}{field}"));
+        }
     }
 }
 
@@ -550,57 +691,73 @@ fn plugins_use_the_packaged_images_the_right_side_and_fail_open() {
     let registry = package_registry();
     let version = env!("CARGO_PKG_VERSION");
     let docs = manifests();
-    let mut seen = BTreeSet::new();
-    for doc in wasm_plugins(&docs) {
-        let spec = &doc.value["spec"];
-        let filter = filter_of(&doc.value);
-        let mode = mode_of(&doc.value);
-        assert_eq!(
-            spec["url"],
-            format!("oci://{registry}/{filter}:{version}"),
-            "{}: the url `cargo xtask package` prints for {filter}",
-            doc.place
-        );
-        assert_eq!(spec["pluginName"], filter.as_str(), "{}", doc.place);
-        assert_eq!(spec["failStrategy"], "FAIL_OPEN", "{}", doc.place);
-        assert_eq!(spec["type"], "HTTP", "{}", doc.place);
-        assert!(
-            spec["imagePullPolicy"].is_string(),
-            "{}: imagePullPolicy",
-            doc.place
-        );
-        assert!(
-            spec["selector"]["matchLabels"].is_object(),
-            "{}: selector",
-            doc.place
-        );
-        assert_eq!(
-            spec["match"].as_array().map(Vec::len),
-            Some(1),
-            "{}: one side",
-            doc.place
-        );
-        let config = &spec["pluginConfig"];
-        let expected = match (filter.as_str(), mode) {
-            ("retry-budget", "CLIENT") => ("mode", "client-headers"),
-            ("retry-budget", "SERVER") => ("mode", "server"),
-            (_, "CLIENT") => ("direction", "outbound"),
-            (_, "SERVER") => ("direction", "inbound"),
-            (_, other) => panic!("{}: match mode {other}", doc.place),
-        };
-        assert_eq!(config[expected.0], expected.1, "{}: {mode} side", doc.place);
-        assert!(
-            seen.insert((filter, mode.to_owned())),
-            "{}: a second {mode} plugin",
-            doc.place
-        );
-    }
-    for filter in FILTERS {
-        for mode in ["CLIENT", "SERVER"] {
-            assert!(
-                seen.contains(&(filter.to_owned(), mode.to_owned())),
-                "no {mode} {filter}"
+    for set in ["", SEPARATE] {
+        let mut seen = BTreeSet::new();
+        for doc in plugins_of_set(&docs, set) {
+            let spec = &doc.value["spec"];
+            let module = filter_of(&doc.value);
+            let mode = mode_of(&doc.value);
+            assert_eq!(
+                module == "eastwest",
+                set.is_empty(),
+                "{}: the default set loads eastwest.wasm, {SEPARATE}/ the separate modules",
+                doc.place
             );
+            assert_eq!(
+                spec["url"],
+                format!("oci://{registry}/{module}:{version}"),
+                "{}: the url `cargo xtask package` prints for {module}",
+                doc.place
+            );
+            assert_eq!(spec["pluginName"], module.as_str(), "{}", doc.place);
+            assert_eq!(spec["failStrategy"], "FAIL_OPEN", "{}", doc.place);
+            assert_eq!(spec["type"], "HTTP", "{}", doc.place);
+            assert!(
+                spec["imagePullPolicy"].is_string(),
+                "{}: imagePullPolicy",
+                doc.place
+            );
+            assert!(
+                spec["selector"]["matchLabels"].is_object(),
+                "{}: selector",
+                doc.place
+            );
+            assert_eq!(
+                spec["match"].as_array().map(Vec::len),
+                Some(1),
+                "{}: one side",
+                doc.place
+            );
+            let (direction, budget_mode) = match mode {
+                "CLIENT" => ("outbound", "client-headers"),
+                "SERVER" => ("inbound", "server"),
+                other => panic!("{}: match mode {other}", doc.place),
+            };
+            for (feature, config) in plugin_features(&doc.value) {
+                let expected = if feature == "retry-budget" {
+                    ("mode", budget_mode)
+                } else {
+                    ("direction", direction)
+                };
+                assert_eq!(
+                    config[expected.0], expected.1,
+                    "{}: {feature} on the {mode} side",
+                    doc.place
+                );
+                assert!(
+                    seen.insert((feature, mode.to_owned())),
+                    "{}: {feature} a second time on the {mode} side",
+                    doc.place
+                );
+            }
+        }
+        for feature in FILTERS {
+            for mode in ["CLIENT", "SERVER"] {
+                assert!(
+                    seen.contains(&(feature, mode.to_owned())),
+                    "{set:?}: no {feature} on the {mode} side"
+                );
+            }
         }
     }
 }
@@ -608,30 +765,116 @@ fn plugins_use_the_packaged_images_the_right_side_and_fail_open() {
 #[test]
 fn label_enrich_runs_first_then_telemetry_then_retry_budget() {
     let docs = manifests();
+    for set in ["", SEPARATE] {
+        for mode in ["CLIENT", "SERVER"] {
+            assert_eq!(
+                features_in_order(&docs, set, mode),
+                FILTERS,
+                "{set:?} {mode} side"
+            );
+            let plugins: Vec<&Value> = plugins_of_set(&docs, set)
+                .into_iter()
+                .map(|doc| &doc.value)
+                .filter(|plugin| mode_of(plugin) == mode)
+                .collect();
+            let keys: BTreeSet<_> = plugins
+                .iter()
+                .map(|p| (phase_rank(p), p["spec"]["priority"].as_i64().unwrap_or(0)))
+                .collect();
+            assert_eq!(
+                keys.len(),
+                plugins.len(),
+                "{set:?} {mode}: no two plugins tie on phase and priority"
+            );
+            // label-enrich runs ahead of Istio's authn and RBAC filters, so the requests they
+            // reject are labelled too.
+            for plugin in plugins {
+                if plugin_features(plugin).contains_key("label-enrich") {
+                    assert_eq!(
+                        plugin["spec"]["phase"], "AUTHN",
+                        "{set:?} {mode}: the plugin running label-enrich"
+                    );
+                }
+            }
+        }
+    }
+    // The default runs one filter per side.
     for mode in ["CLIENT", "SERVER"] {
-        let mut plugins: Vec<&Value> = wasm_plugins(&docs)
-            .into_iter()
-            .map(|doc| &doc.value)
-            .filter(|plugin| mode_of(plugin) == mode)
-            .collect();
-        // Istio's order: by phase, then by priority, higher first (ties by name: avoided).
-        plugins.sort_by_key(|plugin| {
-            (
-                phase_rank(plugin),
-                -plugin["spec"]["priority"].as_i64().unwrap_or(0),
-            )
-        });
-        let order: Vec<String> = plugins.iter().map(|plugin| filter_of(plugin)).collect();
-        assert_eq!(order, FILTERS, "{mode} side");
-        let keys: BTreeSet<_> = plugins
+        let count = plugins_of_set(&docs, "")
             .iter()
-            .map(|p| (phase_rank(p), p["spec"]["priority"].as_i64().unwrap_or(0)))
-            .collect();
+            .filter(|doc| mode_of(&doc.value) == mode)
+            .count();
         assert_eq!(
-            keys.len(),
-            plugins.len(),
-            "{mode}: no two plugins tie on phase and priority"
+            count, 1,
+            "the default: one eastwest.wasm plugin on the {mode} side"
         );
+    }
+}
+
+/// The default and the alternative configure every feature alike: on each side, the
+/// configuration a feature gets from eastwest.yaml's sections and shared settings is the
+/// separate module's `pluginConfig`, except settings one of them leaves at the documented
+/// default; and the plugins select, match and fail the same way.
+#[test]
+fn eastwest_plugins_configure_each_feature_as_the_separate_plugins_do() {
+    // Shared settings given once in eastwest.yaml that a separate plugin may leave at their
+    // default (DESIGN.md §3: the pod labels named environment, team and criticality).
+    let defaults = json!({
+        "label_keys": {"environment": "environment", "team": "team", "criticality": "criticality"},
+    });
+    let docs = manifests();
+    for mode in ["CLIENT", "SERVER"] {
+        let side = |set: &str| -> Vec<&Value> {
+            plugins_of_set(&docs, set)
+                .into_iter()
+                .map(|doc| &doc.value)
+                .filter(|plugin| mode_of(plugin) == mode)
+                .collect()
+        };
+        let eastwest = side("");
+        assert_eq!(eastwest.len(), 1, "{mode}");
+        let combined = plugin_features(eastwest[0]);
+        let separate = side(SEPARATE);
+        let mut separate_features = BTreeMap::new();
+        for plugin in &separate {
+            separate_features.extend(plugin_features(plugin));
+            for field in [
+                "selector",
+                "match",
+                "failStrategy",
+                "imagePullPolicy",
+                "type",
+            ] {
+                assert_eq!(
+                    plugin["spec"][field], eastwest[0]["spec"][field],
+                    "{mode}: {field} of {} and eastwest-{}",
+                    plugin["metadata"]["name"], eastwest[0]["metadata"]["name"]
+                );
+            }
+        }
+        assert_eq!(
+            combined.keys().collect::<Vec<_>>(),
+            separate_features.keys().collect::<Vec<_>>(),
+            "{mode}: the same features"
+        );
+        for (feature, config) in &combined {
+            let other = &separate_features[feature];
+            let keys: BTreeSet<&String> = config
+                .as_object()
+                .unwrap()
+                .keys()
+                .chain(other.as_object().unwrap().keys())
+                .collect();
+            for key in keys {
+                let (a, b) = (config.get(key.as_str()), other.get(key.as_str()));
+                let default = defaults.get(key.as_str());
+                let same = a == b || (a.is_none() && b == default) || (b.is_none() && a == default);
+                assert!(
+                    same,
+                    "{mode} {feature}.{key}: {a:?} from eastwest.yaml, {b:?} from {SEPARATE}/"
+                );
+            }
+        }
     }
 }
 
@@ -791,16 +1034,14 @@ fn mesh_settings_agree_everywhere_and_cover_the_label_keys() {
         .map(str::trim)
         .collect();
     for doc in wasm_plugins(&docs) {
-        for (_, pod_label) in doc.value["spec"]["pluginConfig"]["label_keys"]
-            .as_object()
-            .into_iter()
-            .flatten()
-        {
-            assert!(
-                listed.contains(pod_label.as_str().unwrap()),
-                "{}: pod label {pod_label} is not in PILOT_MX_ADDITIONAL_LABELS",
-                doc.place
-            );
+        for (feature, config) in plugin_features(&doc.value) {
+            for (_, pod_label) in config["label_keys"].as_object().into_iter().flatten() {
+                assert!(
+                    listed.contains(pod_label.as_str().unwrap()),
+                    "{} ({feature}): pod label {pod_label} is not in PILOT_MX_ADDITIONAL_LABELS",
+                    doc.place
+                );
+            }
         }
     }
 }
