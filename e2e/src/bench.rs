@@ -660,13 +660,18 @@ pub enum Verdict {
     Missed,
     /// Not measured (not built, excluded with `--only`, harness figures unavailable).
     Unknown,
+    /// The figure is below minus the limit: a filter cannot save that much, so the runs' noise
+    /// (usually other work on the machine) is larger than the target and the run cannot tell.
+    Unclear,
 }
 
 impl Verdict {
     pub fn of(value: Option<f64>, limit: f64) -> Verdict {
         match value {
             Some(value) if value.is_finite() => {
-                if value <= limit {
+                if value < -limit {
+                    Verdict::Unclear
+                } else if value <= limit {
                     Verdict::Met
                 } else {
                     Verdict::Missed
@@ -681,6 +686,7 @@ impl Verdict {
             Verdict::Met => "met",
             Verdict::Missed => "MISSED",
             Verdict::Unknown => "unknown",
+            Verdict::Unclear => "unclear",
         }
     }
 }
@@ -1216,6 +1222,9 @@ impl Report {
             if let (None, Some(note)) = (result.value, &result.note) {
                 remarks.push(note.clone());
             }
+            if result.verdict == Verdict::Unclear {
+                remarks.push("below minus the target: noise larger than the target".to_owned());
+            }
             if result.target.comparison {
                 remarks.push("eastwest.wasm's target, for comparison".to_owned());
             }
@@ -1240,9 +1249,10 @@ impl Report {
         push_line(
             out,
             format!(
-                "  {} met, {} missed, {} unknown",
+                "  {} met, {} missed, {} unclear, {} unknown",
                 count(Verdict::Met),
                 count(Verdict::Missed),
+                count(Verdict::Unclear),
                 count(Verdict::Unknown)
             ),
         );
@@ -1569,6 +1579,10 @@ mod tests {
         assert_eq!(Verdict::of(Some(5.01), 5.0), Verdict::Missed);
         assert_eq!(Verdict::of(None, 5.0), Verdict::Unknown);
         assert_eq!(Verdict::of(Some(f64::NAN), 5.0), Verdict::Unknown);
+        // Saving more than the whole budget is noise, not a result.
+        assert_eq!(Verdict::of(Some(-5.0), 5.0), Verdict::Met);
+        assert_eq!(Verdict::of(Some(-40_000.0), 50.0), Verdict::Unclear);
+        assert_eq!(Verdict::Unclear.as_str(), "unclear");
     }
 
     #[test]
