@@ -1,7 +1,8 @@
 //! The docker-compose stack (`e2e/compose/`), checked without Docker: `docker-compose config`
 //! accepts it, every file it mounts exists, every Envoy configuration it mounts validates with
 //! the oldest and the newest supported Envoy (with the files laid out as the containers see
-//! them), Prometheus' configuration passes `promtool check config` and scrapes every sidecar,
+//! them), every sidecar runs `dist/eastwest.wasm` on its listeners with the features the docs
+//! describe (and retry-budget's own module where it runs as an upstream filter), Prometheus' configuration passes `promtool check config` and scrapes every sidecar,
 //! Grafana's provisioning points at them, and every dashboard query names only metrics and
 //! labels that the filters and the recording rules produce.
 
@@ -15,7 +16,10 @@ use eastwest_e2e::{
     dist_wasm, envoy_binary, envoy_oldest_binary, workspace_root, ENVOY_OLDEST_VERSION,
     ENVOY_VERSION,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
+
+#[path = "support/sidecar_config.rs"]
+mod sidecar_config;
 
 fn compose_dir() -> PathBuf {
     workspace_root().join("e2e/compose")
@@ -285,6 +289,181 @@ fn every_mounted_envoy_config_validates_on_the_oldest_and_the_newest_envoy() {
         validated += 1;
     }
     assert_eq!(validated, 4, "one sidecar per shop service");
+}
+
+/// Every Wasm HTTP filter under `value`: the module file it loads (its path in the container)
+/// and its parsed JSON configuration.
+fn wasm_filters(value: &Value) -> Vec<(String, Value)> {
+    let mut found = Vec::new();
+    let mut pending = vec![value];
+    while let Some(current) = pending.pop() {
+        if let Some(config) = current.pointer("/typed_config/config") {
+            if let Some(file) = config
+                .pointer("/vm_config/code/local/filename")
+                .and_then(Value::as_str)
+            {
+                let text = config
+                    .pointer("/configuration/value")
+                    .and_then(Value::as_str)
+                    .unwrap_or("{}");
+                let parsed =
+                    serde_json::from_str(text).unwrap_or_else(|e| panic!("{file}: {e}: {text}"));
+                found.push((file.to_string(), parsed));
+            }
+        }
+        match current {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => pending.extend(map.values()),
+            _ => {}
+        }
+    }
+    found
+}
+
+fn load_yaml(path: &Path) -> Value {
+    serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What docs/deploy/docker-compose.md describes: every sidecar runs dist/eastwest.wasm, one
+/// filter per listener (then the router), one VM for both listeners; inbound label-enrich,
+/// telemetry and retry-budget in `server` mode; outbound (frontend and checkout) label-enrich
+/// and telemetry, plus retry-budget in `client-headers` mode in eastwest.wasm (frontend) or in
+/// `client` mode in its own module as an upstream filter of every destination cluster
+/// (checkout, with a tight budget toward payments); one expected_dependencies list and
+/// `peer_trust: any` everywhere; and the modules mounted into a sidecar are exactly the ones its
+/// configuration loads.
+#[test]
+fn every_sidecar_runs_eastwest_wasm_with_the_documented_features() {
+    let compose = normalized_compose();
+    let mut dependency_lists = BTreeSet::new();
+    let mut budget_modes = BTreeSet::new();
+    let mut sidecars = 0;
+    for (name, service) in services(&compose) {
+        if !is_envoy(service) {
+            continue;
+        }
+        sidecars += 1;
+        let config_path = command_value(service, "-c").unwrap();
+        let config = load_yaml(&mount_for(name, service, &config_path).source);
+        let listeners = config["static_resources"]["listeners"].as_array().unwrap();
+        let mut vms = BTreeSet::new();
+        for listener in listeners {
+            let listener_name = listener["name"].as_str().unwrap();
+            let filters =
+                &listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"];
+            let names: Vec<&str> = filters
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                ["eastwest", "envoy.filters.http.router"],
+                "{name} {listener_name}"
+            );
+            vms.insert(filters[0]["typed_config"]["config"]["vm_config"].to_string());
+            let wasm = wasm_filters(filters);
+            assert_eq!(wasm.len(), 1, "{name} {listener_name}");
+            let (file, eastwest) = &wasm[0];
+            assert_eq!(
+                file, "/etc/envoy/wasm/eastwest.wasm",
+                "{name} {listener_name}"
+            );
+            let features = sidecar_config::feature_configs(eastwest);
+            let direction = match listener["traffic_direction"].as_str() {
+                Some("INBOUND") => "inbound",
+                Some("OUTBOUND") => "outbound",
+                other => panic!("{name} {listener_name}: traffic_direction {other:?}"),
+            };
+            for feature in ["label-enrich", "telemetry"] {
+                let config = features
+                    .get(feature)
+                    .unwrap_or_else(|| panic!("{name} {listener_name}: no {feature}"));
+                assert_eq!(
+                    config["direction"], direction,
+                    "{name} {listener_name} {feature}"
+                );
+                assert_eq!(
+                    config["peer_trust"], "any",
+                    "{name} {listener_name} {feature}"
+                );
+            }
+            dependency_lists.insert(features["telemetry"]["expected_dependencies"].to_string());
+            let budget = features.get("retry-budget");
+            match (direction, name.as_str()) {
+                ("inbound", _) => {
+                    assert_eq!(
+                        budget,
+                        Some(&json!({"mode": "server", "peer_trust": "any"})),
+                        "{name} {listener_name}"
+                    );
+                }
+                ("outbound", "frontend") => {
+                    assert_eq!(
+                        budget.map(|b| &b["mode"]),
+                        Some(&json!("client-headers")),
+                        "{name} {listener_name}"
+                    );
+                }
+                ("outbound", "checkout") => {
+                    assert_eq!(budget, None, "{name}: retry-budget runs on the clusters");
+                }
+                other => panic!("{name}: an unexpected listener {other:?}"),
+            }
+            if let Some(budget) = budget {
+                budget_modes.insert((budget["mode"].as_str().unwrap().to_owned(), "eastwest"));
+            }
+        }
+        assert_eq!(vms.len(), 1, "{name}: both listeners share one VM");
+        let mut loaded: BTreeSet<String> = wasm_filters(&config)
+            .into_iter()
+            .map(|(file, _)| file)
+            .collect();
+        for cluster in config["static_resources"]["clusters"].as_array().unwrap() {
+            let cluster_name = cluster["name"].as_str().unwrap();
+            let upstream = wasm_filters(&cluster["typed_extension_protocol_options"]);
+            if name == "checkout" && cluster_name != "local_app" {
+                assert_eq!(upstream.len(), 1, "{name} cluster {cluster_name}");
+                let (file, budget) = &upstream[0];
+                assert_eq!(file, "/etc/envoy/wasm/retry-budget.wasm");
+                assert_eq!(
+                    budget,
+                    &json!({"mode": "client", "destinations": {"payments": {"ratio": 0.1, "min_retries_per_second": 1}}}),
+                    "{name} cluster {cluster_name}"
+                );
+                budget_modes.insert(("client".to_owned(), "retry-budget"));
+            } else {
+                assert!(upstream.is_empty(), "{name} cluster {cluster_name}");
+            }
+        }
+        let mounted: BTreeSet<String> = mounts(service)
+            .into_iter()
+            .map(|m| m.target)
+            .filter(|target| target.ends_with(".wasm"))
+            .collect();
+        loaded.retain(|file| file.ends_with(".wasm"));
+        assert_eq!(
+            mounted, loaded,
+            "{name}: the modules mounted are the ones its configuration loads"
+        );
+    }
+    assert_eq!(sidecars, 4);
+    assert_eq!(
+        dependency_lists.len(),
+        1,
+        "one expected_dependencies list in every sidecar: {dependency_lists:?}"
+    );
+    assert_eq!(
+        budget_modes,
+        BTreeSet::from([
+            ("client".to_owned(), "retry-budget"),
+            ("client-headers".to_owned(), "eastwest"),
+            ("server".to_owned(), "eastwest"),
+        ]),
+        "the dashboard shows every mode"
+    );
 }
 
 fn envoy_admin_port(config: &Path) -> u64 {
