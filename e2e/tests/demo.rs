@@ -1,7 +1,8 @@
 //! `eastwest-demo` (what `cargo xtask demo` runs), end to end: a short run whose summary shows
 //! the four service pairs with their teams, the unexpected dependency and the retry budget's
 //! denials during the outage, with a self-contained HTML report; `--keep-running` serving
-//! until Ctrl-C; and Ctrl-C during the traffic (sent to the whole process group, as a
+//! until Ctrl-C, its sidecars running `dist/eastwest.wasm` (read back from each Envoy's
+//! `/config_dump`); and Ctrl-C during the traffic (sent to the whole process group, as a
 //! terminal does). Every time, no process the demo started may be left running.
 
 use std::io::{BufRead, BufReader, Read};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use eastwest_e2e::http_request;
 use eastwest_e2e::process::spawn_tied_to_process;
+use serde_json::Value;
 
 /// A running `eastwest-demo` in its own process group, its output collected line by line.
 struct Demo {
@@ -192,12 +194,54 @@ fn numbers_before(line: &str, key: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The names of a chain's HTTP filters and, for each Wasm filter, the module file and its
+/// configuration.
+type FilterChain = (Vec<String>, Vec<(String, Value)>);
+
+/// What a sidecar's `/config_dump` says it runs: one entry per HTTP connection manager.
+fn http_filter_chains(config_dump: &Value) -> Vec<FilterChain> {
+    let mut chains = Vec::new();
+    let mut pending = vec![config_dump];
+    while let Some(current) = pending.pop() {
+        if let Some(filters) = current.get("http_filters").and_then(Value::as_array) {
+            let names = filters
+                .iter()
+                .map(|f| f["name"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            let wasm = filters
+                .iter()
+                .filter_map(|f| {
+                    let config = f.pointer("/typed_config/config")?;
+                    let file = config
+                        .pointer("/vm_config/code/local/filename")?
+                        .as_str()?
+                        .to_owned();
+                    let text = config.pointer("/configuration/value")?.as_str()?;
+                    Some((file, serde_json::from_str(text).unwrap()))
+                })
+                .collect();
+            chains.push((names, wasm));
+        }
+        match current {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => pending.extend(map.values()),
+            _ => {}
+        }
+    }
+    chains
+}
+
 #[test]
 fn a_run_prints_the_service_map_budget_denials_and_the_unexpected_dependency() {
     let mut demo = Demo::start(&["--duration", "15s"]);
     let status = demo.wait(Duration::from_secs(120));
     let output = demo.output();
     assert!(status.success(), "{status}\n{output}");
+    assert!(
+        output
+            .contains("Envoy sidecars (dist/eastwest.wasm: label-enrich, telemetry, retry-budget)"),
+        "{output}"
+    );
 
     let map_line = |source: &str, destination: &str| -> String {
         output
@@ -296,16 +340,49 @@ fn keep_running_serves_the_mesh_until_ctrl_c() {
     let response = http_request("GET", &url, &[], "").unwrap();
     assert_eq!(response.status, 200, "{}", response.text());
     assert!(response.text().contains("checkout"), "{}", response.text());
-    let metrics = demo.wait_for_line(
-        |line| line.contains("/stats/prometheus"),
-        Duration::from_secs(5),
-    );
-    let metrics_url = metrics.split_whitespace().nth(1).unwrap().to_owned();
-    let scrape = http_request("GET", &metrics_url, &[], "").unwrap();
+    let mut metrics_urls = Vec::new();
+    for _ in 0..4 {
+        let metrics = demo.wait_for_line(
+            |line| line.contains("/stats/prometheus"),
+            Duration::from_secs(5),
+        );
+        metrics_urls.push(metrics.split_whitespace().nth(1).unwrap().to_owned());
+    }
+    let scrape = http_request("GET", &metrics_urls[0], &[], "").unwrap();
     assert!(
         scrape.text().contains("eastwest_requests_total{"),
-        "{metrics_url}"
+        "{}",
+        metrics_urls[0]
     );
+    // Every sidecar runs dist/eastwest.wasm, one filter on each listener, the three features
+    // in it: retry-budget in `server` mode inbound, `client-headers` outbound.
+    for metrics_url in &metrics_urls {
+        let dump_url = metrics_url.replace(
+            "/stats/prometheus",
+            "/config_dump?resource=static_listeners",
+        );
+        let dump: Value =
+            serde_json::from_str(&http_request("GET", &dump_url, &[], "").unwrap().text()).unwrap();
+        let chains = http_filter_chains(&dump);
+        assert_eq!(chains.len(), 2, "{dump_url}: two listeners");
+        let mut modes = Vec::new();
+        for (names, wasm) in chains {
+            assert_eq!(
+                names,
+                ["eastwest", "envoy.filters.http.router"],
+                "{dump_url}"
+            );
+            assert_eq!(wasm.len(), 1, "{dump_url}");
+            let (file, config) = &wasm[0];
+            assert!(file.ends_with("/dist/eastwest.wasm"), "{dump_url}: {file}");
+            for section in ["label_enrich", "telemetry", "retry_budget"] {
+                assert!(config[section].is_object(), "{dump_url}: {config}");
+            }
+            modes.push(config["retry_budget"]["mode"].as_str().unwrap().to_owned());
+        }
+        modes.sort();
+        assert_eq!(modes, ["client-headers", "server"], "{dump_url}");
+    }
 
     // `kill -INT <pid>`: only the demo gets the signal; it stops its processes itself.
     demo.signal(libc::SIGINT, false);

@@ -3,8 +3,8 @@
 //!
 //! Four services ([`topology::SERVICES`]: frontend → checkout → payments and inventory, and an
 //! unexpected inventory → payments) run as `eastwest-demo-service` processes, each behind its
-//! own Envoy sidecar ([`sidecar`]) with label-enrich, telemetry and retry-budget, mTLS with
-//! SPIFFE identities between the sidecars. The traffic driver ([`driver`]) calls the frontend
+//! own Envoy sidecar ([`sidecar`]) running `dist/eastwest.wasm` (label-enrich, telemetry and
+//! retry-budget in one module), mTLS with SPIFFE identities between the sidecars. The traffic driver ([`driver`]) calls the frontend
 //! service directly, at a fixed rate, as the shop's edge would; from a third to two thirds of
 //! the run payments answers every request 503, its callers' sidecars retry, and the retry
 //! budget holds the storm. The summary ([`summary`]) and the HTML report ([`report`]) are
@@ -302,7 +302,7 @@ pub fn run(options: &DemoOptions) -> Result<Outcome> {
     std::fs::create_dir_all(&options.out_dir)
         .with_context(|| format!("cannot create {}", options.out_dir.display()))?;
     println!(
-        "Starting 4 services and their Envoy sidecars (label-enrich, telemetry, retry-budget) on 127.0.0.1 ..."
+        "Starting 4 services and their Envoy sidecars (dist/eastwest.wasm: label-enrich, telemetry, retry-budget) on 127.0.0.1 ..."
     );
     let started = Instant::now();
     let mesh = Mesh::start(&options.service_binary, &options.out_dir)?;

@@ -61,9 +61,9 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 svg text {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }}
 </style></head><body>
 <h1>eastwest demo: an east-west mesh under a payments outage</h1>
-<p class="lead">Four services of a shop on 127.0.0.1, each behind its own Envoy sidecar running the
-label-enrich, telemetry and retry-budget filters, with mTLS (SPIFFE identities) between the
-sidecars. {rate:.0} requests/s to {entry} for {elapsed:.0} s{outage}. Every figure below comes from
+<p class="lead">Four services of a shop on 127.0.0.1, each behind its own Envoy sidecar running
+<code>eastwest.wasm</code> (label-enrich, telemetry and retry-budget in one Wasm module), with mTLS
+(SPIFFE identities) between the sidecars. {rate:.0} requests/s to {entry} for {elapsed:.0} s{outage}. Every figure below comes from
 the sidecars' <code>/stats/prometheus</code> (<code>eastwest_*</code> metrics), except the
 end-to-end traffic chart, which the traffic driver measured.</p>
 <div class="tiles">

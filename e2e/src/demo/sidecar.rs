@@ -1,18 +1,23 @@
 //! The sidecar of one demo service: an Envoy bootstrap shaped like an Istio sidecar's, with
-//! all three eastwest filters.
+//! `dist/eastwest.wasm` (label-enrich, telemetry and retry-budget in one Wasm module,
+//! docs/filters/sidecar.md) as one HTTP filter on each listener, as the shipped configurations
+//! run it.
 //!
 //! * inbound listener (mTLS server: the service's SPIFFE certificate, client certificates
-//!   required): label-enrich, telemetry (with `expected_dependencies`), retry-budget in
-//!   `server` mode, then the router to the service's own port;
+//!   required): eastwest.wasm with label-enrich, telemetry (with `expected_dependencies`) and
+//!   retry-budget in `server` mode, then the router to the service's own port;
 //! * outbound listener (plain HTTP on 127.0.0.1, where the service sends its calls): one
 //!   virtual host per destination service, chosen by `Host`, with the retry policy and
-//!   `include_request_attempt_count`; label-enrich, telemetry,
-//!   then retry-budget in `client-headers` mode (as Istio's WasmPlugin places it: when the
-//!   budget toward a destination is spent it sets `x-envoy-max-retries: 0`, so the router makes
-//!   no retry). Not `client` mode (an upstream filter on each cluster, which refuses exactly
-//!   the retry over budget): the call then ends with the filter's own local reply, which
-//!   carries no `x-eastwest-peer`, so telemetry on the caller would report those calls with
+//!   `include_request_attempt_count`; eastwest.wasm with label-enrich, telemetry and
+//!   retry-budget in `client-headers` mode (as Istio's WasmPlugin places it: when the budget
+//!   toward a destination is spent it sets `x-envoy-max-retries: 0`, so the router makes no
+//!   retry). Not `client` mode (an upstream filter on each cluster, which refuses exactly the
+//!   retry over budget): the call then ends with the filter's own local reply, which carries no
+//!   `x-eastwest-peer`, so telemetry on the caller would report those calls with
 //!   `destination_service="unknown"` and the demo's service map would lose them;
+//! * both listeners' filters share one VM (the same `vm_config`); the settings the features
+//!   share (`direction`, `peer_trust`, `trust_domain`) are given once, at the top level of each
+//!   listener's configuration;
 //! * one cluster per destination service (Istio's naming, `outbound|80||<svc>.shop.svc.cluster.local`,
 //!   from which retry-budget takes the destination service and namespace) toward that
 //!   service's inbound listener, over HTTP/2 with mTLS (this service's certificate, the
@@ -47,24 +52,24 @@ pub struct Ports {
     pub admin: u16,
 }
 
-/// The three filters, from `dist/`.
+/// The module the sidecars run, from `dist/`.
 #[derive(Debug, Clone)]
 pub struct Filters {
-    pub label_enrich: PathBuf,
-    pub telemetry: PathBuf,
-    pub retry_budget: PathBuf,
+    /// `dist/eastwest.wasm`: label-enrich, telemetry and retry-budget in one module.
+    pub eastwest: PathBuf,
 }
 
 impl Filters {
-    /// `dist/<filter>.wasm`, or an error saying to run `cargo xtask build`.
+    /// `dist/eastwest.wasm`, or an error saying to run `cargo xtask build`.
     pub fn from_dist() -> Result<Filters> {
         Ok(Filters {
-            label_enrich: dist_wasm("label-enrich")?,
-            telemetry: dist_wasm("telemetry")?,
-            retry_budget: dist_wasm("retry-budget")?,
+            eastwest: dist_wasm("eastwest")?,
         })
     }
 }
+
+/// The name, root id and VM id of the sidecars' one Wasm filter.
+pub const FILTER_NAME: &str = "eastwest";
 
 /// The route retry policy of every outbound virtual host, as the shipped configurations set
 /// it: exponential backoff with full jitter.
@@ -76,8 +81,8 @@ pub fn retry_policy() -> Value {
     })
 }
 
-/// retry-budget's configuration on the outbound listener: the defaults written out, and a
-/// tighter budget toward payments (a critical service that should not be hammered while it
+/// retry-budget's configuration on the outbound listener (its `retry_budget` section): the
+/// defaults written out, and a tighter budget toward payments (a critical service that should not be hammered while it
 /// recovers).
 pub fn client_budget() -> Value {
     json!({
@@ -89,15 +94,18 @@ pub fn client_budget() -> Value {
     })
 }
 
-fn trust() -> Value {
-    json!({"peer_trust": "mtls", "trust_domain": topology::TRUST_DOMAIN})
-}
-
-fn with(mut base: Value, extra: Value) -> Value {
-    if let (Some(base), Some(extra)) = (base.as_object_mut(), extra.as_object()) {
-        base.extend(extra.clone());
-    }
-    base
+/// eastwest.wasm's configuration on one side: the shared settings at the top level (the
+/// direction, mTLS trust in the demo's trust domain), label-enrich with its defaults, then
+/// telemetry's and retry-budget's sections.
+pub fn eastwest_config(direction: &str, telemetry: Value, retry_budget: Value) -> Value {
+    json!({
+        "direction": direction,
+        "peer_trust": "mtls",
+        "trust_domain": topology::TRUST_DOMAIN,
+        "label_enrich": {},
+        "telemetry": telemetry,
+        "retry_budget": retry_budget,
+    })
 }
 
 /// The node of `service`'s sidecar.
@@ -143,25 +151,16 @@ pub fn sidecar_bootstrap(
         .traffic_direction(TrafficDirection::Inbound)
         .stat_prefix("inbound")
         .downstream_tls(cert)
-        // label-enrich first (the others reuse what it resolved), telemetry before
-        // retry-budget so that requests the budget sheds are counted.
+        // eastwest.wasm runs label-enrich first (the others reuse what it resolved), and
+        // counts in telemetry the requests retry-budget sheds.
         .http_filter(wasm_filter(
-            "label-enrich",
-            &filters.label_enrich,
-            with(json!({"direction": "inbound"}), trust()),
-        ))
-        .http_filter(wasm_filter(
-            "telemetry",
-            &filters.telemetry,
-            with(
-                json!({"direction": "inbound", "expected_dependencies": expected}),
-                trust(),
+            FILTER_NAME,
+            &filters.eastwest,
+            eastwest_config(
+                "inbound",
+                json!({"expected_dependencies": expected}),
+                json!({"mode": "server"}),
             ),
-        ))
-        .http_filter(wasm_filter(
-            "retry-budget",
-            &filters.retry_budget,
-            with(json!({"mode": "server"}), trust()),
         ))
         .route_field("timeout", json!("5s"))
         .access_log(
@@ -204,19 +203,9 @@ pub fn sidecar_bootstrap(
         .traffic_direction(TrafficDirection::Outbound)
         .stat_prefix("outbound")
         .http_filter(wasm_filter(
-            "label-enrich",
-            &filters.label_enrich,
-            with(json!({"direction": "outbound"}), trust()),
-        ))
-        .http_filter(wasm_filter(
-            "telemetry",
-            &filters.telemetry,
-            with(json!({"direction": "outbound"}), trust()),
-        ))
-        .http_filter(wasm_filter(
-            "retry-budget",
-            &filters.retry_budget,
-            client_budget(),
+            FILTER_NAME,
+            &filters.eastwest,
+            eastwest_config("outbound", json!({}), client_budget()),
         ))
         .hcm_field(
             "route_config",
@@ -275,13 +264,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_bootstrap_routes_by_host_with_all_three_filters_on_both_listeners() {
+    fn the_bootstrap_routes_by_host_with_eastwest_wasm_on_both_listeners() {
         let ca = crate::certs::TestCa::new(topology::TRUST_DOMAIN).unwrap();
         let cert = ca.issue_workload(topology::NAMESPACE, "checkout").unwrap();
         let filters = Filters {
-            label_enrich: "/d/label-enrich.wasm".into(),
-            telemetry: "/d/telemetry.wasm".into(),
-            retry_budget: "/d/retry-budget.wasm".into(),
+            eastwest: "/d/eastwest.wasm".into(),
         };
         let ports = |name: &str| {
             let base = 10_000 + 10 * SERVICES.iter().position(|s| s.name == name).unwrap() as u16;
@@ -310,14 +297,36 @@ mod tests {
             .iter()
             .map(|f| f["name"].as_str().unwrap())
             .collect();
+        assert_eq!(inbound_filters, ["eastwest", "envoy.filters.http.router"]);
+        let configuration = |i: usize| -> Value {
+            let filter = &hcm(i)["http_filters"][0]["typed_config"]["config"];
+            assert_eq!(
+                filter["vm_config"]["code"]["local"]["filename"],
+                "/d/eastwest.wasm"
+            );
+            serde_json::from_str(filter["configuration"]["value"].as_str().unwrap()).unwrap()
+        };
+        let inbound = configuration(0);
+        assert_eq!(inbound["direction"], "inbound");
+        assert_eq!(inbound["peer_trust"], "mtls");
+        assert_eq!(inbound["trust_domain"], topology::TRUST_DOMAIN);
+        assert_eq!(inbound["label_enrich"], json!({}));
         assert_eq!(
-            inbound_filters,
-            [
-                "label-enrich",
-                "telemetry",
-                "retry-budget",
-                "envoy.filters.http.router"
-            ]
+            inbound["telemetry"]["expected_dependencies"]
+                .as_array()
+                .unwrap()
+                .len(),
+            topology::EXPECTED_DEPENDENCIES.len()
+        );
+        assert_eq!(inbound["retry_budget"], json!({"mode": "server"}));
+        let outbound = configuration(1);
+        assert_eq!(outbound["direction"], "outbound");
+        assert_eq!(outbound["telemetry"], json!({}));
+        assert_eq!(outbound["retry_budget"], client_budget());
+        assert_eq!(
+            hcm(0)["http_filters"][0]["typed_config"]["config"]["vm_config"],
+            hcm(1)["http_filters"][0]["typed_config"]["config"]["vm_config"],
+            "one VM for both listeners"
         );
         assert_eq!(
             listeners[0]["filter_chains"][0]["transport_socket"]["typed_config"]
@@ -348,15 +357,7 @@ mod tests {
             .iter()
             .map(|f| f["name"].as_str().unwrap())
             .collect();
-        assert_eq!(
-            outbound_filters,
-            [
-                "label-enrich",
-                "telemetry",
-                "retry-budget",
-                "envoy.filters.http.router"
-            ]
-        );
+        assert_eq!(outbound_filters, ["eastwest", "envoy.filters.http.router"]);
         assert!(
             config["stats_config"]["stats_tags"]
                 .as_array()
