@@ -1100,7 +1100,8 @@ impl Report {
                     typical * 100.0,
                     most * 100.0,
                     if most > 0.05 {
-                        " (something else ran there, e.g. a build: the figures are noisier than usual)"
+                        " (something else ran there, e.g. a build: the CPU and latency figures and \
+                         their verdicts are unreliable; rerun on a quiet machine, or with --nice -10)"
                     } else {
                         ""
                     }
