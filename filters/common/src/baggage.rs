@@ -60,7 +60,7 @@ impl<'a> Iterator for Members<'a> {
     fn next(&mut self) -> Option<Member<'a>> {
         loop {
             let rest = self.rest?;
-            let (segment, after) = match rest.iter().position(|&byte| byte == b',') {
+            let (segment, after) = match crate::bytes::find_byte(rest, b',') {
                 Some(comma) => (&rest[..comma], Some(&rest[comma + 1..])),
                 None => (rest, None),
             };
@@ -69,10 +69,10 @@ impl<'a> Iterator for Members<'a> {
             if trimmed.is_empty() {
                 continue;
             }
-            let (key, value) = match trimmed.iter().position(|&byte| byte == b'=') {
+            let (key, value) = match crate::bytes::find_byte(trimmed, b'=') {
                 Some(equals) => {
                     let after = &trimmed[equals + 1..];
-                    let value = match after.iter().position(|&byte| byte == b';') {
+                    let value = match crate::bytes::find_byte(after, b';') {
                         Some(semicolon) => &after[..semicolon],
                         None => after,
                     };
@@ -87,6 +87,50 @@ impl<'a> Iterator for Members<'a> {
             });
         }
     }
+}
+
+/// The label members of one header value, in order, as [`members`] would yield them (every
+/// label key has a `.`: only the segments around a `.` are parsed, the rest is skipped eight
+/// bytes at a time).
+pub fn label_members(header: &[u8]) -> impl Iterator<Item = Member<'_>> {
+    let mut position = 0;
+    std::iter::from_fn(move || loop {
+        let rest = header.get(position..)?;
+        let dot = position + crate::bytes::find_byte(rest, b'.')?;
+        // The segment around the dot: back to the comma before it (not before `position`,
+        // where the previous segment ended), forward to the comma after it.
+        let start = header[position..dot]
+            .iter()
+            .rposition(|&byte| byte == b',')
+            .map_or(position, |comma| position + comma + 1);
+        let end = crate::bytes::find_byte(&header[dot..], b',').map_or(header.len(), |c| dot + c);
+        position = end + 1;
+        if let Some(member) = members(&header[start..end]).next() {
+            if Label::from_baggage_key(member.key).is_some() {
+                return Some(member);
+            }
+        }
+    })
+}
+
+/// How many list members the header values hold at most: one more than their commas each
+/// (empty segments, which are not members, are counted too). Exact enough to know the
+/// baggage is within [`MAX_MEMBERS`] without splitting it.
+fn member_bound(headers: &[&[u8]]) -> usize {
+    headers
+        .iter()
+        .map(|header| 1 + crate::bytes::count_byte(header, b','))
+        .sum()
+}
+
+/// Whether the header values hold more than [`MAX_MEMBERS`] members.
+pub fn too_many_members(headers: &[&[u8]]) -> bool {
+    member_bound(headers) > MAX_MEMBERS
+        && headers
+            .iter()
+            .flat_map(|h| members(h))
+            .nth(MAX_MEMBERS)
+            .is_some()
 }
 
 /// W3C baggage-octet: the bytes a value may carry unencoded (`%` is in the range but must be
@@ -221,15 +265,16 @@ pub fn replace_label_members(headers: &[&[u8]], own_members: &str) -> Option<Vec
 /// A header value that is exactly one member and not a label one: no `,` (one segment), not
 /// blank, and no `.` (every label key has one), so [`members`] would yield it whole.
 fn is_one_plain_member(header: &[u8]) -> bool {
-    !trim_ows(header).is_empty() && !header.iter().any(|&byte| byte == b',' || byte == b'.')
+    !trim_ows(header).is_empty()
+        && crate::bytes::find_byte(header, b',').is_none()
+        && crate::bytes::find_byte(header, b'.').is_none()
 }
 
 /// Whether any header carries a label member (cheap check before rewriting).
 pub fn has_label_members(headers: &[&[u8]]) -> bool {
     headers
         .iter()
-        .flat_map(|h| members(h))
-        .any(|member| Label::from_baggage_key(member.key).is_some())
+        .any(|header| label_members(header).next().is_some())
 }
 
 #[cfg(test)]
@@ -403,6 +448,22 @@ mod properties {
                     replace_label_members(&headers, "service.name=own").unwrap(),
                     reference(&headers)
                 );
+            }
+        }
+
+        #[test]
+        fn label_members_are_the_label_members_of_members(
+            header in baggage_like(),
+            raw in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            for value in [&header[..], &raw[..]] {
+                let all: Vec<Member> = members(value)
+                    .filter(|m| Label::from_baggage_key(m.key).is_some())
+                    .collect();
+                let fast: Vec<Member> = label_members(value).collect();
+                prop_assert_eq!(fast, all);
+                let count = members(value).count();
+                prop_assert_eq!(too_many_members(&[value]), count > MAX_MEMBERS);
             }
         }
 

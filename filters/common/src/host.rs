@@ -363,7 +363,7 @@ fn presence(value: Option<&[u8]>) -> &'static [u8] {
 
 /// The caller of an inbound request as resolved from its claims, memoized.
 pub struct InboundResolution {
-    pub outcome: crate::resolve::InboundRequest,
+    pub decision: crate::resolve::InboundDecision,
     pub source: std::rc::Rc<crate::party::Party>,
 }
 
@@ -381,6 +381,7 @@ pub struct OutboundResolution {
 pub struct Resolver {
     pub settings: crate::resolve::LabelSettings,
     inbound: std::cell::RefCell<crate::memo::Memo<std::rc::Rc<InboundResolution>>>,
+    inbound_exact: std::cell::RefCell<crate::memo::Memo<std::rc::Rc<InboundResolution>>>,
     outbound: std::cell::RefCell<crate::memo::Memo<std::rc::Rc<OutboundResolution>>>,
     states: std::cell::RefCell<crate::memo::Memo<std::rc::Rc<crate::party::Party>>>,
 }
@@ -391,6 +392,7 @@ impl Resolver {
         Resolver {
             settings,
             inbound: std::cell::RefCell::new(Memo::new(DEFAULT_CAPACITY)),
+            inbound_exact: std::cell::RefCell::new(Memo::new(DEFAULT_CAPACITY)),
             outbound: std::cell::RefCell::new(Memo::new(DEFAULT_CAPACITY)),
             states: std::cell::RefCell::new(Memo::new(DEFAULT_CAPACITY)),
         }
@@ -404,27 +406,50 @@ impl Resolver {
         peer_metadata: Option<&[u8]>,
         identity: &RawIdentity,
     ) -> std::rc::Rc<InboundResolution> {
-        let count = (baggage.len() as u32).to_le_bytes();
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(baggage.len() + 5);
+        // First the exact inputs: a caller sending the same baggage again costs one
+        // comparison. Then the claims only: the other baggage members (a user id, a session)
+        // change from request to request and decide nothing, so a caller whose baggage varies
+        // is still resolved once.
+        let baggage_count = (baggage.len() as u32).to_le_bytes();
+        let mut exact: Vec<&[u8]> = Vec::with_capacity(baggage.len() + 5);
+        exact.push(&baggage_count);
+        exact.extend_from_slice(baggage);
+        exact.push(presence(peer_metadata));
+        exact.push(peer_metadata.unwrap_or_default());
+        exact.push(identity.flags());
+        exact.push(identity.uri.as_deref().unwrap_or_default());
+        if let Some(found) = self.inbound_exact.borrow().get(&exact) {
+            return found.clone();
+        }
+        let (label_members, oversized) =
+            crate::resolve::claims_key(baggage, self.settings.max_baggage_bytes);
+        let count = (label_members.len() as u32).to_le_bytes();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(label_members.len() + 6);
         parts.push(&count);
-        parts.extend_from_slice(baggage);
+        parts.extend_from_slice(&label_members);
+        parts.push(if oversized { b"\x01" } else { b"\0" });
         parts.push(presence(peer_metadata));
         parts.push(peer_metadata.unwrap_or_default());
         parts.push(identity.flags());
         parts.push(identity.uri.as_deref().unwrap_or_default());
-        self.inbound
+        let resolution = self
+            .inbound
             .borrow_mut()
             .get_or_insert_with(&parts, || {
-                let outcome = crate::resolve::inbound_request(
+                let decision = crate::resolve::inbound_decision(
                     &self.settings,
                     baggage,
                     peer_metadata,
                     &identity.parse(),
                 );
-                let source = std::rc::Rc::new(crate::party::Party::new(outcome.source.clone()));
-                std::rc::Rc::new(InboundResolution { outcome, source })
+                let source = std::rc::Rc::new(crate::party::Party::new(decision.source.clone()));
+                std::rc::Rc::new(InboundResolution { decision, source })
             })
-            .clone()
+            .clone();
+        self.inbound_exact
+            .borrow_mut()
+            .insert(&exact, resolution.clone());
+        resolution
     }
 
     /// Resolves the destination of an outbound request from its `x-eastwest-peer` header and
@@ -525,7 +550,7 @@ impl Resolver {
         let resolution = self.inbound(&baggage, peer_metadata.as_deref(), &identity);
         (
             resolution.source.clone(),
-            Some(resolution.outcome.problems.clone()),
+            Some(resolution.decision.problems.clone()),
         )
     }
 }

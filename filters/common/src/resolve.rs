@@ -169,6 +169,52 @@ pub struct InboundRequest {
     pub problems: Problems,
 }
 
+/// What resolving the caller decides, which depends only on its claims (the label members of
+/// the baggage, not the other members), Istio's peer metadata and the certificate: the part a
+/// filter can keep for the next request with the same claims ([`claims_key`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundDecision {
+    pub source: Labels,
+    pub refused: Option<Refusal>,
+    /// `Some(members)` when the baggage's label members must be replaced by `members` (empty:
+    /// removed); the other members stay as they are.
+    pub rewrite_members: Option<String>,
+    pub remove_peer_metadata: bool,
+    pub problems: Problems,
+}
+
+impl InboundDecision {
+    /// The request's outcome: the decision applied to this request's baggage.
+    pub fn apply(&self, baggage_headers: &[&[u8]]) -> InboundRequest {
+        InboundRequest {
+            source: self.source.clone(),
+            refused: self.refused,
+            rewrite_baggage: self
+                .rewrite_members
+                .as_ref()
+                .map(|members| baggage::replace_label_members(baggage_headers, members)),
+            remove_peer_metadata: self.remove_peer_metadata,
+            problems: self.problems.clone(),
+        }
+    }
+}
+
+/// What [`inbound_decision`] reads of the baggage: every label member as it came (raw) and
+/// whether the baggage is over the limits (then no claim is read). Equal keys (with the same
+/// peer metadata and certificate) give equal decisions, whatever the other members are.
+pub fn claims_key<'a>(baggage_headers: &[&'a [u8]], max_bytes: usize) -> (Vec<&'a [u8]>, bool) {
+    let total: usize = baggage_headers.iter().map(|header| header.len()).sum();
+    let labels = baggage_headers
+        .iter()
+        .flat_map(|header| baggage::label_members(header))
+        .map(|member| member.raw)
+        .collect();
+    (
+        labels,
+        total > max_bytes || baggage::too_many_members(baggage_headers),
+    )
+}
+
 /// Resolves the caller of an inbound request from its claims (`baggage`, then Istio's
 /// `x-envoy-peer-metadata`) and what its certificate proves.
 pub fn inbound_request(
@@ -177,6 +223,16 @@ pub fn inbound_request(
     peer_metadata: Option<&[u8]>,
     identity: &PeerIdentity,
 ) -> InboundRequest {
+    inbound_decision(settings, baggage_headers, peer_metadata, identity).apply(baggage_headers)
+}
+
+/// The decision of [`inbound_request`], without applying it to the baggage.
+pub fn inbound_decision(
+    settings: &LabelSettings,
+    baggage_headers: &[&[u8]],
+    peer_metadata: Option<&[u8]>,
+    identity: &PeerIdentity,
+) -> InboundDecision {
     let mut problems = Problems::default();
     let claims = baggage::read_claims(baggage_headers, settings.max_baggage_bytes);
     problems.add_claims(&claims);
@@ -204,20 +260,19 @@ pub fn inbound_request(
     // Label members stay in the baggage only as the accepted, well-formed values; anything else
     // (refused, oversized, malformed) is removed so that no unverified label reaches the app.
     let clean = accepted && !claims.oversized && claims.malformed_members == 0;
-    let rewrite_baggage = if claims.present && !clean {
-        let members = if accepted && !claims.oversized {
+    let rewrite_members = if claims.present && !clean {
+        Some(if accepted && !claims.oversized {
             claims.labels.to_baggage_members()
         } else {
             String::new()
-        };
-        Some(baggage::replace_label_members(baggage_headers, &members))
+        })
     } else {
         None
     };
-    InboundRequest {
+    InboundDecision {
         source: decision.labels,
         refused: decision.refused,
-        rewrite_baggage,
+        rewrite_members,
         remove_peer_metadata: peer_metadata.is_some() && !accepted,
         problems,
     }
@@ -477,5 +532,36 @@ mod tests {
         });
         assert_eq!(plain.destination.get(Label::Service), Some("payments"));
         assert_eq!(plain.destination.get(Label::Namespace), None);
+    }
+
+    #[test]
+    fn decisions_depend_on_the_claims_not_on_the_other_members() {
+        let with = |other: &str| {
+            let baggage = format!("{other},service.name=cart,k8s.namespace.name=shop");
+            let headers = [baggage.as_bytes()];
+            let key: Vec<Vec<u8>> = claims_key(&headers, 8192)
+                .0
+                .into_iter()
+                .map(<[u8]>::to_vec)
+                .collect();
+            let decision = inbound_decision(&settings("mtls"), &headers, None, &mtls("shop"));
+            (key, decision)
+        };
+        let (key_a, decision_a) = with("userid=7");
+        let (key_b, decision_b) = with("userid=8,session=x;p=1");
+        assert_eq!(key_a, key_b);
+        assert_eq!(decision_a, decision_b);
+        // A refused claim: the decision says which members go, each request's baggage keeps
+        // its own other members.
+        let forged = [&b"userid=9,service.name=admin,k8s.namespace.name=kube-system"[..]];
+        let decision = inbound_decision(&settings("mtls"), &forged, None, &PeerIdentity::default());
+        assert_eq!(decision.rewrite_members.as_deref(), Some(""));
+        assert_eq!(
+            decision.apply(&forged).rewrite_baggage,
+            Some(Some(b"userid=9".to_vec()))
+        );
+        // Over the limits: no claim is read, and that is part of the key.
+        let big = format!("a={},service.name=cart", "x".repeat(9000));
+        assert!(claims_key(&[big.as_bytes()], 8192).1);
     }
 }

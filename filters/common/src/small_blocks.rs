@@ -1,5 +1,5 @@
-//! The filters' allocator on wasm32: small blocks (up to 256 bytes, the host's buffers of
-//! header values and properties, label strings, short vectors) are kept on free lists by size
+//! The filters' allocator on wasm32: small blocks (up to 1 KiB, the host's buffers of
+//! header maps, header values and properties, label strings, short vectors) are kept on free lists by size
 //! class and reused, and everything else goes to the standard allocator (dlmalloc). A request
 //! allocates and frees a dozen small blocks; dlmalloc spends about 240 wasm instructions on a
 //! malloc and free, a free list about 20.
@@ -13,7 +13,7 @@ use std::cell::UnsafeCell;
 
 /// Size classes are multiples of this (also the largest alignment served from the lists).
 const GRANULE: usize = 16;
-const CLASSES: usize = 16;
+const CLASSES: usize = 64;
 /// The largest block served from the free lists.
 pub const MAX_SMALL_BLOCK: usize = GRANULE * CLASSES;
 
@@ -114,8 +114,8 @@ mod tests {
         assert_eq!(class_of(layout(1)), Some(0));
         assert_eq!(class_of(layout(16)), Some(0));
         assert_eq!(class_of(layout(17)), Some(1));
-        assert_eq!(class_of(layout(256)), Some(15));
-        assert_eq!(class_of(layout(257)), None);
+        assert_eq!(class_of(layout(1024)), Some(63));
+        assert_eq!(class_of(layout(1025)), None);
         assert_eq!(class_of(Layout::from_size_align(8, 32).unwrap()), None);
     }
 }

@@ -251,10 +251,11 @@ impl LabelEnrich {
         let resolution = self
             .resolver
             .inbound(&values, peer_metadata.as_deref(), &identity);
-        let outcome = &resolution.outcome;
-        self.count_problems(&outcome.problems, "caller input");
-        self.count_refusal(Peer::Source, outcome.refused);
-        if let Some(rebuilt) = &outcome.rewrite_baggage {
+        let decision = &resolution.decision;
+        self.count_problems(&decision.problems, "caller input");
+        self.count_refusal(Peer::Source, decision.refused);
+        if let Some(members) = &decision.rewrite_members {
+            let rebuilt = eastwest_common::baggage::replace_label_members(&values, members);
             self.write_header(
                 MapType::HttpRequestHeaders,
                 BAGGAGE,
@@ -262,7 +263,7 @@ impl LabelEnrich {
                 values.len(),
             );
         }
-        if outcome.remove_peer_metadata {
+        if decision.remove_peer_metadata {
             self.write_header(
                 MapType::HttpRequestHeaders,
                 ISTIO_PEER_METADATA_HEADER,
