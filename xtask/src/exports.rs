@@ -40,8 +40,8 @@ pub const PRUNABLE_CALLBACKS: [&str; 23] = [
     "proxy_on_foreign_function",
 ];
 
-/// `wasm` with every prunable callback not in `keep` removed from its exports; the names
-/// removed, in export order.
+/// `wasm` with every prunable callback not in `keep` removed from its exports, and without its
+/// `name` and `producers` sections; the callbacks removed, in export order.
 pub fn prune_callbacks(wasm: &[u8], keep: &[String]) -> Result<(Vec<u8>, Vec<String>), String> {
     let mut module = Module::new();
     let mut removed = Vec::new();
@@ -68,6 +68,10 @@ pub fn prune_callbacks(wasm: &[u8], keep: &[String]) -> Result<(Vec<u8>, Vec<Str
                 }
                 module.section(&exports);
             }
+            // Function names and the producers list: what `strip = true` removes, which the
+            // per-package opt-levels keep rustc from doing for wasm (profile a build with names,
+            // see harness/README.md).
+            Payload::CustomSection(custom) if matches!(custom.name(), "name" | "producers") => {}
             other => {
                 if let Some((id, range)) = other.as_section() {
                     module.section(&RawSection {
@@ -142,7 +146,8 @@ mod tests {
               (export "proxy_on_response_body" (func $g))
               (export "proxy_on_done" (func $f))
               (export "proxy_on_delete" (func $f))
-              (@custom "name-like" "kept as it was"))"#,
+              (@custom "name-like" "kept as it was")
+              (@custom "producers" "dropped"))"#,
         )
         .unwrap();
         let keep = vec!["proxy_on_request_headers".to_string()];
@@ -164,6 +169,7 @@ mod tests {
         assert!(pruned
             .windows(b"kept as it was".len())
             .any(|w| w == b"kept as it was"));
+        assert!(!pruned.windows(b"dropped".len()).any(|w| w == b"dropped"));
     }
 
     #[test]
