@@ -266,11 +266,6 @@ pub fn int_property(path: &[u8]) -> Option<i64> {
     property_at(path).and_then(|value| crate::properties::decode_int64(&value))
 }
 
-/// A property's raw value (the path as segments); `None` when absent or when the host refuses.
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    property_at(path.join("\0").as_bytes())
-}
-
 /// The first of several property paths that exists (newer Envoy names first).
 fn property_any(paths: &[&[u8]]) -> Option<Vec<u8>> {
     paths.iter().find_map(|path| property_at(path))

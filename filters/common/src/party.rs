@@ -33,9 +33,3 @@ impl Party {
                 && crate::bytes::equal(self.state.as_bytes(), other.state.as_bytes()))
     }
 }
-
-impl From<Labels> for Party {
-    fn from(labels: Labels) -> Party {
-        Party::new(labels)
-    }
-}
