@@ -85,6 +85,31 @@ impl Envoy {
         }
     }
 
+    /// Starts several Envoys at once, each as [`Envoy::start`] does with its
+    /// `(name, bootstrap, options)`, and returns them in the same order once every one is
+    /// ready: most of a start is compiling Wasm modules and waiting, so a test with a caller's
+    /// and a callee's sidecar is ready sooner. If any fails, the others are stopped and the
+    /// first error is returned.
+    pub fn start_many(starts: Vec<(String, Value, EnvoyOptions)>) -> Result<Vec<Envoy>> {
+        let results: Vec<Result<Envoy>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = starts
+                .into_iter()
+                .map(|(name, bootstrap, options)| {
+                    scope.spawn(move || Envoy::start(&name, bootstrap, &options))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow!("the thread starting Envoy panicked")))
+                })
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+
     /// Starts Envoy and expects it to exit with a non-zero status within the startup timeout,
     /// e.g. because a Wasm filter refused its configuration. Returns Envoy's log (envoy.log,
     /// then stderr). It is an error if Envoy becomes ready instead (it is then killed), exits

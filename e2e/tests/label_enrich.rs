@@ -101,36 +101,38 @@ impl Mesh {
             inbound = inbound.downstream_tls(&callee_cert);
             to_callee = to_callee.upstream_tls(&caller_cert, Some("localhost"));
         }
-        let callee = Envoy::start(
-            &format!("{name}-callee"),
-            bootstrap(
-                &sidecar_node("checkout", "payments", "critical"),
-                free_port(),
-                vec![inbound.build()],
-                vec![ClusterBuilder::new("app", app.port()).build()],
-                &tags,
-            ),
-            // Debug level for Wasm: the filter logs every skipped input and refusal there.
-            &EnvoyOptions {
-                component_log_level: Some("wasm:debug".into()),
-                ..EnvoyOptions::default()
-            },
-        )?;
+        let callee_config = bootstrap(
+            &sidecar_node("checkout", "payments", "critical"),
+            free_port(),
+            vec![inbound.build()],
+            vec![ClusterBuilder::new("app", app.port()).build()],
+            &tags,
+        );
+        // Debug level for Wasm: the filter logs every skipped input and refusal there.
+        let callee_options = EnvoyOptions {
+            component_log_level: Some("wasm:debug".into()),
+            ..EnvoyOptions::default()
+        };
         let outbound = ListenerBuilder::new("outbound", caller_port, "callee")
             .traffic_direction(TrafficDirection::Outbound)
             .http_filter(feature_filter(module, FEATURE, config)?)
             .access_log(&caller_access_log, ACCESS_LOG_FORMAT);
-        let caller = Envoy::start(
-            &format!("{name}-caller"),
-            bootstrap(
-                &sidecar_node("frontend", "web", "high"),
-                free_port(),
-                vec![outbound.build()],
-                vec![to_callee.build()],
-                &tags,
+        let caller_config = bootstrap(
+            &sidecar_node("frontend", "web", "high"),
+            free_port(),
+            vec![outbound.build()],
+            vec![to_callee.build()],
+            &tags,
+        );
+        let mut envoys = Envoy::start_many(vec![
+            (format!("{name}-callee"), callee_config, callee_options),
+            (
+                format!("{name}-caller"),
+                caller_config,
+                EnvoyOptions::default(),
             ),
-            &EnvoyOptions::default(),
-        )?;
+        ])?;
+        let (caller, callee) = (envoys.pop().unwrap(), envoys.pop().unwrap());
         Ok(Mesh {
             app,
             caller,

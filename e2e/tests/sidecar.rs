@@ -239,17 +239,15 @@ impl Pair {
             outbound.build(),
             ClusterBuilder::new("checkout", callee_port).build(),
         );
-        // Both at once: most of a start is compiling the modules.
-        let (callee, caller) = std::thread::scope(|scope| {
-            let callee =
-                scope.spawn(|| Envoy::start(&format!("{name}-callee"), callee_config, &options));
-            let caller = Envoy::start(&format!("{name}-caller"), caller_config, &options);
-            (callee.join().expect("callee start"), caller)
-        });
+        let mut envoys = Envoy::start_many(vec![
+            (format!("{name}-callee"), callee_config, options.clone()),
+            (format!("{name}-caller"), caller_config, options),
+        ])?;
+        let (caller, callee) = (envoys.pop().unwrap(), envoys.pop().unwrap());
         Ok(Pair {
             app,
-            caller: caller?,
-            callee: callee?,
+            caller,
+            callee,
             caller_port,
             callee_port,
             caller_log,

@@ -144,54 +144,51 @@ impl Mesh {
         let _ = std::fs::remove_file(&caller_flags_log);
         let _ = std::fs::remove_file(&callee_flags_log);
         let trust = json!({"peer_trust": "any"});
-        let callee = Envoy::start(
-            &format!("{name}-callee"),
-            with_buckets(bootstrap(
-                &sidecar_node("checkout", "payments", "critical"),
-                free_port(),
-                vec![ListenerBuilder::new("inbound", callee_port, "app")
-                    .traffic_direction(TrafficDirection::Inbound)
-                    .http_filter(wasm_filter("label-enrich", &label_enrich, trust.clone()))
-                    .http_filter(feature_filter(module, FEATURE, telemetry_config.clone())?)
-                    .access_log(&callee_flags_log, "%RESPONSE_FLAGS%")
-                    .build()],
-                vec![ClusterBuilder::new("app", app.port())
-                    .http2(mesh.http2_upstreams)
-                    .build()],
-                &tags,
-            )),
-            &options,
-        )?;
-        let caller = Envoy::start(
-            &format!("{name}-caller"),
-            with_buckets(bootstrap(
-                &sidecar_node("frontend", "web", "high"),
-                free_port(),
-                vec![{
-                    let mut outbound = ListenerBuilder::new("outbound", caller_port, "callee")
-                        .traffic_direction(TrafficDirection::Outbound)
-                        .http_filter(wasm_filter("label-enrich", &label_enrich, trust))
-                        .http_filter(feature_filter(module, FEATURE, telemetry_config)?)
-                        .access_log(&caller_flags_log, "%RESPONSE_FLAGS%");
-                    if let Some(policy) = mesh.retry_policy {
-                        outbound = outbound.retry_policy(policy);
-                    }
-                    outbound.build()
-                }],
-                vec![ClusterBuilder::new(
-                    "callee",
-                    if mesh.callee_down {
-                        free_port()
-                    } else {
-                        callee_port
-                    },
-                )
+        let callee_config = with_buckets(bootstrap(
+            &sidecar_node("checkout", "payments", "critical"),
+            free_port(),
+            vec![ListenerBuilder::new("inbound", callee_port, "app")
+                .traffic_direction(TrafficDirection::Inbound)
+                .http_filter(wasm_filter("label-enrich", &label_enrich, trust.clone()))
+                .http_filter(feature_filter(module, FEATURE, telemetry_config.clone())?)
+                .access_log(&callee_flags_log, "%RESPONSE_FLAGS%")
+                .build()],
+            vec![ClusterBuilder::new("app", app.port())
                 .http2(mesh.http2_upstreams)
                 .build()],
-                &tags,
-            )),
-            &options,
-        )?;
+            &tags,
+        ));
+        let caller_config = with_buckets(bootstrap(
+            &sidecar_node("frontend", "web", "high"),
+            free_port(),
+            vec![{
+                let mut outbound = ListenerBuilder::new("outbound", caller_port, "callee")
+                    .traffic_direction(TrafficDirection::Outbound)
+                    .http_filter(wasm_filter("label-enrich", &label_enrich, trust))
+                    .http_filter(feature_filter(module, FEATURE, telemetry_config)?)
+                    .access_log(&caller_flags_log, "%RESPONSE_FLAGS%");
+                if let Some(policy) = mesh.retry_policy {
+                    outbound = outbound.retry_policy(policy);
+                }
+                outbound.build()
+            }],
+            vec![ClusterBuilder::new(
+                "callee",
+                if mesh.callee_down {
+                    free_port()
+                } else {
+                    callee_port
+                },
+            )
+            .http2(mesh.http2_upstreams)
+            .build()],
+            &tags,
+        ));
+        let mut envoys = Envoy::start_many(vec![
+            (format!("{name}-callee"), callee_config, options.clone()),
+            (format!("{name}-caller"), caller_config, options),
+        ])?;
+        let (caller, callee) = (envoys.pop().unwrap(), envoys.pop().unwrap());
         Ok(Mesh {
             _app: app,
             caller,
