@@ -34,7 +34,6 @@
 //! [`Bound`] is what the budget's configuration allows; see its documentation for the
 //! derivation.
 
-use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -43,12 +42,13 @@ use serde_json::{json, Value};
 
 use crate::app::TestApp;
 use crate::bootstrap::{
-    bootstrap, wasm_filter, ClusterBuilder, ListenerBuilder, Node, TrafficDirection,
+    bootstrap, feature_filter, ClusterBuilder, ListenerBuilder, Node, TrafficDirection,
 };
 use crate::client::http_request;
 use crate::envoy::{Envoy, EnvoyOptions};
 use crate::load::{self, LoadPlan, LoadReport, RequestRecord};
-use crate::paths::{dist_wasm, free_port};
+use crate::module_under_test::{Feature, ModuleUnderTest};
+use crate::paths::free_port;
 
 /// What limits the caller's retries in a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +127,9 @@ pub struct Experiment {
     pub recovery_success: f64,
     /// Envoy worker threads of each sidecar.
     pub envoy_workers: u32,
+    /// The module that runs eastwest's budget: dist/retry-budget.wasm, or dist/eastwest.wasm
+    /// with only its `retry_budget` section.
+    pub module: ModuleUnderTest,
 }
 
 impl Default for Experiment {
@@ -147,6 +150,7 @@ impl Default for Experiment {
             recovery_window: Duration::from_millis(200),
             recovery_success: 0.99,
             envoy_workers: 2,
+            module: ModuleUnderTest::Separate,
         }
     }
 }
@@ -421,6 +425,11 @@ impl Experiment {
         }
     }
 
+    /// The eastwest budget's filter in `mode`, in the experiment's module.
+    fn budget_filter(&self, mode: &str) -> Result<Value> {
+        feature_filter(self.module, Feature::RetryBudget, self.filter_config(mode))
+    }
+
     fn envoy_options(&self) -> EnvoyOptions {
         EnvoyOptions {
             concurrency: self.envoy_workers,
@@ -430,19 +439,18 @@ impl Experiment {
 
     /// The callee's sidecar: inbound listener toward the app; the filter in `server` mode when
     /// that is the run.
-    fn callee(&self, budget: Budget, wasm: &Path, app_port: u16) -> Result<(Envoy, u16)> {
+    fn callee(&self, budget: Budget, app_port: u16) -> Result<(Envoy, u16)> {
         let port = free_port();
         let mut listener = ListenerBuilder::new("inbound", port, "app")
             .traffic_direction(TrafficDirection::Inbound);
         if budget == Budget::Server {
-            listener = listener.http_filter(wasm_filter(
-                "retry-budget",
-                wasm,
-                self.filter_config("server"),
-            ));
+            listener = listener.http_filter(self.budget_filter("server")?);
         }
         let envoy = Envoy::start(
-            &format!("storm-callee-{}", budget.label().replace(' ', "-")),
+            &self.module.tag(&format!(
+                "storm-callee-{}",
+                budget.label().replace(' ', "-")
+            )),
             tagged_bootstrap(
                 &node("checkout"),
                 listener.build(),
@@ -455,7 +463,7 @@ impl Experiment {
 
     /// The caller's sidecar: outbound listener with the retry policy and attempt counts,
     /// toward the callee's sidecar; the budget of the run.
-    fn caller(&self, budget: Budget, wasm: &Path, callee_port: u16) -> Result<(Envoy, u16)> {
+    fn caller(&self, budget: Budget, callee_port: u16) -> Result<(Envoy, u16)> {
         let port = free_port();
         let mut listener = ListenerBuilder::new("outbound", port, "checkout")
             .traffic_direction(TrafficDirection::Outbound)
@@ -465,23 +473,18 @@ impl Experiment {
             .field("circuit_breakers", self.circuit_breakers(budget));
         match budget {
             Budget::Client => {
-                cluster = cluster.upstream_http_filter(wasm_filter(
-                    "retry-budget",
-                    wasm,
-                    self.filter_config("client"),
-                ));
+                cluster = cluster.upstream_http_filter(self.budget_filter("client")?);
             }
             Budget::ClientHeaders => {
-                listener = listener.http_filter(wasm_filter(
-                    "retry-budget",
-                    wasm,
-                    self.filter_config("client-headers"),
-                ));
+                listener = listener.http_filter(self.budget_filter("client-headers")?);
             }
             Budget::None | Budget::EnvoyNative | Budget::Server => {}
         }
         let envoy = Envoy::start(
-            &format!("storm-caller-{}", budget.label().replace(' ', "-")),
+            &self.module.tag(&format!(
+                "storm-caller-{}",
+                budget.label().replace(' ', "-")
+            )),
             tagged_bootstrap(&node("frontend"), listener.build(), cluster.build()),
             &self.envoy_options(),
         )?;
@@ -490,10 +493,11 @@ impl Experiment {
 
     /// Runs the experiment with `budget`: fresh app and sidecars, the load, the outage.
     pub fn run(&self, budget: Budget) -> Result<Run> {
-        let wasm = dist_wasm("retry-budget")?;
+        // Every run needs the module, even those that do not load it.
+        crate::paths::dist_wasm(self.module.wasm_name(Feature::RetryBudget))?;
         let app = TestApp::start()?;
-        let (callee, callee_port) = self.callee(budget, &wasm, app.port())?;
-        let (caller, port) = self.caller(budget, &wasm, callee_port)?;
+        let (callee, callee_port) = self.callee(budget, app.port())?;
+        let (caller, port) = self.caller(budget, callee_port)?;
         let url = format!("http://127.0.0.1:{port}/pay");
         let baggage = b"service.name=frontend,k8s.namespace.name=shop";
         // The whole chain works before the load starts.

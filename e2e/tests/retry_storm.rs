@@ -5,12 +5,16 @@
 //! any mode the extra attempts stay within what its configuration allows (the bound derived in
 //! `retry_storm::Bound`), and success returns as soon as the app recovers in every run.
 //!
-//! Needs Envoy (EASTWEST_ENVOY or `cargo xtask test`) and dist/retry-budget.wasm (`cargo xtask
-//! build`). About 45 s.
+//! The three eastwest modes run a second time with the budget in dist/eastwest.wasm (only its
+//! `retry_budget` section), held to the same bounds.
+//!
+//! Needs Envoy (EASTWEST_ENVOY or `cargo xtask test`) and dist/retry-budget.wasm and
+//! dist/eastwest.wasm (`cargo xtask build`). About 70 s.
 
 use std::time::{Duration, Instant};
 
 use eastwest_e2e::retry_storm::{self, Bound, Budget, Experiment, Run};
+use eastwest_e2e::ModuleUnderTest;
 
 /// `a` and `b` agree within 5% (and a few requests at the outage's edges).
 fn close(a: u64, b: u64) -> bool {
@@ -33,89 +37,92 @@ fn the_stats_tags_match_the_filters_metric_names() {
     }
 }
 
-#[test]
-fn retry_budgets_bound_the_storm_and_success_returns_after_the_outage() {
-    let experiment = Experiment::default();
-    let bound = Bound::new(&experiment);
+/// Runs `budgets` with `experiment`, printing progress, and the table describing them.
+fn run(experiment: &Experiment, budgets: &[Budget]) -> (Vec<Run>, String) {
     let began = Instant::now();
-    let runs = experiment
-        .run_all(|run| {
+    let runs: Vec<Run> = budgets
+        .iter()
+        .map(|&budget| {
+            let run = experiment
+                .run(budget)
+                .unwrap_or_else(|e| panic!("retry-storm run `{}`: {e:#}", budget.label()));
             eprintln!(
-                "{}: amplification {:.3}, max lag {:?}, {}",
+                "{} ({:?} module): amplification {:.3}, max lag {:?}, {}",
                 run.budget.label(),
+                experiment.module,
                 run.amplification(),
                 run.max_lag,
                 run.load_summary
-            )
+            );
+            run
         })
-        .unwrap();
+        .collect();
     let took = began.elapsed();
     let table = format!(
-        "{}\n{}\n{}\n{}\ntook {took:?}\nrun directories: {:?}",
+        "eastwest's budget in the {:?} module\n{}\n{}\n{}\n{}\ntook {took:?}\nrun directories: {:?}",
+        experiment.module,
         experiment.describe(),
-        retry_storm::table(&experiment, &runs),
+        retry_storm::table(experiment, &runs),
         retry_storm::envoy_table(&runs),
-        retry_storm::describe_bound(&experiment),
+        retry_storm::describe_bound(experiment),
         runs.iter().map(|run| &run.run_dirs).collect::<Vec<_>>()
     );
     eprintln!("{table}");
+    assert!(took < Duration::from_secs(120), "took {took:?}");
+    (runs, table)
+}
 
+/// What every run must show: the same steady load, Envoy's counters agreeing, and success
+/// returning once the app does.
+fn assert_sound(experiment: &Experiment, run: &Run, table: &str) {
     let expected_originals = experiment.rate * experiment.outage.as_secs_f64();
-    for run in &runs {
-        let name = run.budget.label();
-        // The load was the same steady open loop in every run, and the measurements agree
-        // with Envoy's own counters.
-        assert!(
-            (run.originals as f64 - expected_originals).abs() <= 0.03 * expected_originals,
-            "{name}: {} originals during the outage, expected about {expected_originals}\n{table}",
-            run.originals
-        );
-        assert!(
-            close(run.envoy.caller_requests, run.originals),
-            "{name}: the caller's sidecar counted {} requests, the load generator {}\n{table}",
-            run.envoy.caller_requests,
-            run.originals
-        );
-        assert!(
-            close(run.envoy.callee_to_app, run.app_requests),
-            "{name}: the callee's sidecar sent {} requests to the app, which saw {}\n{table}",
-            run.envoy.callee_to_app,
-            run.app_requests
-        );
-        assert!(
-            run.failed_originals as f64 >= 0.95 * run.originals as f64,
-            "{name}: the outage failed only {} of {} originals\n{table}",
-            run.failed_originals,
-            run.originals
-        );
-        // Success returns once the app does, whatever limited the retries.
-        let recovery = run
-            .recovery
-            .unwrap_or_else(|| panic!("{name}: success never returned\n{table}"));
-        assert!(
-            recovery <= Duration::from_secs(1),
-            "{name}: success returned only {recovery:?} after the outage\n{table}"
-        );
-        assert!(
-            run.success_after_recovery >= experiment.recovery_success,
-            "{name}: {:.3} success after recovery\n{table}",
-            run.success_after_recovery
-        );
-    }
-
-    // Without a budget every failed original is retried twice: about 3 attempts each.
-    let none = find(&runs, Budget::None);
+    let name = run.budget.label();
+    // The load was the same steady open loop in every run, and the measurements agree
+    // with Envoy's own counters.
     assert!(
-        none.amplification() >= 2.7,
-        "no budget: amplification {:.3}\n{table}",
-        none.amplification()
+        (run.originals as f64 - expected_originals).abs() <= 0.03 * expected_originals,
+        "{name}: {} originals during the outage, expected about {expected_originals}\n{table}",
+        run.originals
     );
-    assert_eq!(none.envoy.caller_retry_overflow, 0, "{table}");
+    assert!(
+        close(run.envoy.caller_requests, run.originals),
+        "{name}: the caller's sidecar counted {} requests, the load generator {}\n{table}",
+        run.envoy.caller_requests,
+        run.originals
+    );
+    assert!(
+        close(run.envoy.callee_to_app, run.app_requests),
+        "{name}: the callee's sidecar sent {} requests to the app, which saw {}\n{table}",
+        run.envoy.callee_to_app,
+        run.app_requests
+    );
+    assert!(
+        run.failed_originals as f64 >= 0.95 * run.originals as f64,
+        "{name}: the outage failed only {} of {} originals\n{table}",
+        run.failed_originals,
+        run.originals
+    );
+    // Success returns once the app does, whatever limited the retries.
+    let recovery = run
+        .recovery
+        .unwrap_or_else(|| panic!("{name}: success never returned\n{table}"));
+    assert!(
+        recovery <= Duration::from_secs(1),
+        "{name}: success returned only {recovery:?} after the outage\n{table}"
+    );
+    assert!(
+        run.success_after_recovery >= experiment.recovery_success,
+        "{name}: {:.3} success after recovery\n{table}",
+        run.success_after_recovery
+    );
+}
 
-    // eastwest keeps the storm within the configured budget in every mode, denies visibly, and
-    // still lets the budget's share of retries through.
+/// eastwest keeps the storm within the configured budget in every mode, denies visibly, and
+/// still lets the budget's share of retries through; `none` is the run without a budget.
+fn assert_bounded(experiment: &Experiment, runs: &[Run], none: &Run, table: &str) {
+    let bound = Bound::new(experiment);
     for budget in [Budget::Client, Budget::ClientHeaders, Budget::Server] {
-        let run = find(&runs, budget);
+        let run = find(runs, budget);
         let allowed = bound.allowed(budget).unwrap();
         let name = budget.label();
         assert!(
@@ -139,11 +146,33 @@ fn retry_budgets_bound_the_storm_and_success_returns_after_the_outage() {
     }
     // In server mode the caller's router retries and the callee's sidecar sheds what the
     // budget does not pay for: more attempts reach the callee's sidecar than its app.
-    let server = find(&runs, Budget::Server);
+    let server = find(runs, Budget::Server);
     assert!(
         server.envoy.callee_requests >= server.envoy.callee_to_app + server.denials() / 2,
         "{table}"
     );
+}
+
+/// Every budget with dist/retry-budget.wasm, then eastwest's three modes again with
+/// dist/eastwest.wasm (only its `retry_budget` section), held to the same bounds and compared
+/// with the same run without a budget. One run after another: the bounds are timing-sensitive.
+#[test]
+fn retry_budgets_bound_the_storm_and_success_returns_after_the_outage() {
+    let experiment = Experiment::default();
+    let (runs, table) = run(&experiment, &Budget::ALL);
+    for run in &runs {
+        assert_sound(&experiment, run, &table);
+    }
+
+    // Without a budget every failed original is retried twice: about 3 attempts each.
+    let none = find(&runs, Budget::None);
+    assert!(
+        none.amplification() >= 2.7,
+        "no budget: amplification {:.3}\n{table}",
+        none.amplification()
+    );
+    assert_eq!(none.envoy.caller_retry_overflow, 0, "{table}");
+    assert_bounded(&experiment, &runs, none, &table);
     // Envoy's own retry budget is reported, not asserted: it limits concurrent retries, not
     // retries per original request.
     eprintln!(
@@ -151,5 +180,17 @@ fn retry_budgets_bound_the_storm_and_success_returns_after_the_outage() {
         find(&runs, Budget::EnvoyNative).amplification(),
         find(&runs, Budget::EnvoyNative).denials()
     );
-    assert!(took < Duration::from_secs(120), "took {took:?}");
+
+    let sidecar = Experiment {
+        module: ModuleUnderTest::Sidecar,
+        ..Experiment::default()
+    };
+    let (sidecar_runs, sidecar_table) = run(
+        &sidecar,
+        &[Budget::Client, Budget::ClientHeaders, Budget::Server],
+    );
+    for run in &sidecar_runs {
+        assert_sound(&sidecar, run, &sidecar_table);
+    }
+    assert_bounded(&sidecar, &sidecar_runs, none, &sidecar_table);
 }
