@@ -97,14 +97,14 @@ fn no_request_pays_for_growing_a_table() {
         let (largest, harness) = largest_request(&wasm, config, 5_000);
         assert!(
             harness
-                .metric(&format!(
+                .metric(
                     "reporter=.=destination;.;source_service=.=svc-4999;.;source_namespace=.=shop;.;\
                      source_team=.=unknown;.;source_region=.=unknown;.;destination_service=.=orders;.;\
                      destination_namespace=.=shop;.;destination_team=.=fulfilment;.;\
                      destination_region=.=eu-west-1;.;environment=.=prod;.;criticality=.=critical;.;\
                      response_code=.=200;.;request_protocol=.=http;.;grpc_status=.=none;.;\
                      eastwest_requests_total"
-                ))
+                )
                 .is_some(),
             "the last caller has its own series"
         );
