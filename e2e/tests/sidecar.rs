@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use eastwest_common::metric_name::{stats_tag_regex, ALL_TAGS};
 use eastwest_e2e::{
-    bootstrap, dist_wasm, feature_filter, free_port, http_request, wasm_filter, ClusterBuilder,
-    Envoy, EnvoyOptions, Feature, ListenerBuilder, ModuleUnderTest, Node, Response, TestApp,
-    TrafficDirection,
+    bootstrap, dist_wasm, feature_filter, free_port, http2_request, http_request, wasm_filter,
+    ClusterBuilder, Envoy, EnvoyOptions, Feature, ListenerBuilder, ModuleUnderTest, Node, Response,
+    TestApp, TrafficDirection,
 };
 use serde_json::{json, Map, Value};
 
@@ -232,12 +232,14 @@ impl Pair {
         let callee_config = sidecar_bootstrap(
             &sidecar_node("checkout", "payments", "critical"),
             inbound.build(),
-            ClusterBuilder::new("app", app.port()).build(),
+            ClusterBuilder::new("app", app.port()).http2(true).build(),
         );
         let caller_config = sidecar_bootstrap(
             &sidecar_node("frontend", "web", "high"),
             outbound.build(),
-            ClusterBuilder::new("checkout", callee_port).build(),
+            ClusterBuilder::new("checkout", callee_port)
+                .http2(true)
+                .build(),
         );
         let mut envoys = Envoy::start_many(vec![
             (format!("{name}-callee"), callee_config, options.clone()),
@@ -336,6 +338,28 @@ fn calls() -> Vec<Call> {
                 ("baggage", b"service.name=frontend,k8s.namespace.name=shop"),
             ],
         ),
+        // gRPC (HTTP/2 on every hop): a status in the trailers, and a retry the callee's spent
+        // budget sheds as gRPC callers are told (UNAVAILABLE, no pushback).
+        call(
+            "/shop.Checkout/Pay",
+            Entry::Caller,
+            &[
+                ("content-type", b"application/grpc"),
+                ("te", b"trailers"),
+                ("x-test-grpc-status", b"14"),
+            ],
+        ),
+        call(
+            "/shop.Checkout/Retry",
+            Entry::Callee,
+            &[
+                ("content-type", b"application/grpc"),
+                ("te", b"trailers"),
+                ("x-test-grpc-status", b"0"),
+                ("grpc-previous-rpc-attempts", b"1"),
+                ("baggage", b"service.name=frontend,k8s.namespace.name=shop"),
+            ],
+        ),
         call(
             "/direct-first",
             Entry::Callee,
@@ -376,9 +400,14 @@ fn observe(call: &Call, response: &Response) -> Vec<String> {
         .into_iter()
         .map(|line| format!("  response {line}")),
     );
-    match response.try_json() {
-        // The application's echo: what the sidecars forwarded to it.
-        Ok(echo) if echo["headers"].is_array() => {
+    // The application's echo (in a gRPC answer, its one length-prefixed message).
+    let echo: Option<Value> = match response.body.as_slice() {
+        [0, _, _, _, _, message @ ..] => serde_json::from_slice(message).ok(),
+        body => serde_json::from_slice(body).ok(),
+    };
+    match echo {
+        // What the sidecars forwarded to the application.
+        Some(echo) if echo["headers"].is_array() => {
             let forwarded = echo["headers"].as_array().unwrap().iter().map(|pair| {
                 (
                     pair[0].as_str().unwrap_or_default(),
@@ -391,9 +420,19 @@ fn observe(call: &Call, response: &Response) -> Vec<String> {
                     .map(|line| format!("  app saw {line}")),
             );
         }
-        // A local reply.
-        _ => seen.push(format!("  body {}", response.text())),
+        // A local reply, or a gRPC message.
+        _ => seen.push(format!("  body {:?}", response.text())),
     }
+    seen.extend(
+        stable_headers(
+            response
+                .trailers
+                .iter()
+                .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value).into_owned())),
+        )
+        .into_iter()
+        .map(|line| format!("  trailer {line}")),
+    );
     seen
 }
 
@@ -478,13 +517,17 @@ fn run(pair: &Pair) -> Result<Observed> {
             Entry::Caller => pair.caller_port,
             Entry::Callee => pair.callee_port,
         };
-        let response = http_request(
-            "GET",
-            &format!("http://127.0.0.1:{port}{}", call.path),
-            &call.headers,
-            "",
-        )
-        .with_context(|| format!("GET {}", call.path))?;
+        let url = format!("http://127.0.0.1:{port}{}", call.path);
+        let grpc = call
+            .headers
+            .contains(&("content-type", &b"application/grpc"[..]));
+        let response = if grpc {
+            // One empty length-prefixed message.
+            http2_request("POST", &url, &call.headers, [0u8; 5])
+        } else {
+            http_request("GET", &url, &call.headers, "")
+        }
+        .with_context(|| format!("calling {}", call.path))?;
         observed.calls.extend(observe(call, &response));
     }
     let through_caller = calls
@@ -679,6 +722,14 @@ fn assert_meaningful(observed: &Observed, inbound_trusts_claims: bool) {
             "{call}"
         );
     }
+    let grpc = observed_call(observed, "/shop.Checkout/Pay").join("\n");
+    assert!(grpc.contains("trailer grpc-status: 14"), "{grpc}");
+    let shed = observed_call(observed, "/shop.Checkout/Retry").join("\n");
+    assert!(shed.contains("response grpc-status: 14"), "{shed}");
+    assert!(
+        shed.contains("response grpc-retry-pushback-ms: -1"),
+        "{shed}"
+    );
     let fail_2 = observed_call(observed, "/fail-2").join("\n");
     assert!(
         fail_2.contains("app saw x-envoy-attempt-count: 1"),
