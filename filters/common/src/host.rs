@@ -560,6 +560,9 @@ pub struct Exchange {
     pub source: Option<std::rc::Rc<crate::party::Party>>,
     /// The callee, once a feature resolved it.
     pub destination: Option<std::rc::Rc<crate::party::Party>>,
+    /// `upstream.request_attempt_count` once read (at the end of the stream, where telemetry
+    /// and retry-budget both need it: one host call, one buffer, instead of two).
+    upstream_attempts: Option<Option<i64>>,
 }
 
 impl Exchange {
@@ -574,6 +577,14 @@ impl Exchange {
                 .listener_direction
                 .get_or_insert_with(listener_direction)
         })
+    }
+
+    /// How many attempts the router made (`upstream.request_attempt_count`), read from the host
+    /// once per stream; call it only when the stream has ended (`on_log`).
+    pub fn upstream_attempts(&mut self) -> Option<i64> {
+        *self
+            .upstream_attempts
+            .get_or_insert_with(|| int_property(paths::UPSTREAM_ATTEMPTS))
     }
 }
 

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use eastwest_common::host::{self, paths, Exchange, Resolver};
+use eastwest_common::host::{self, Exchange, Resolver};
 use eastwest_common::labels::{Label, UNKNOWN};
 use eastwest_common::memo::Memo;
 use eastwest_common::metric_name::tagged_name;
@@ -282,9 +282,9 @@ impl RetryBudget {
         }
     }
 
-    pub fn on_log(&self, stream: &StreamState) {
+    pub fn on_log(&self, stream: &StreamState, exchange: &mut Exchange) {
         if self.settings.mode == Mode::ClientHeaders {
-            self.charge_retries(stream);
+            self.charge_retries(stream, exchange);
         }
     }
 
@@ -512,11 +512,11 @@ impl RetryBudget {
 
     /// `client-headers`: the retries the router made for this request, charged to the budget
     /// when the request ends (the only shared-data write of this mode besides publishing).
-    fn charge_retries(&self, stream: &StreamState) {
+    fn charge_retries(&self, stream: &StreamState, exchange: &mut Exchange) {
         let Some(index) = stream.budget else {
             return;
         };
-        let attempts = host::int_property(paths::UPSTREAM_ATTEMPTS).unwrap_or(0);
+        let attempts = exchange.upstream_attempts().unwrap_or(0);
         if attempts <= 1 {
             return;
         }
@@ -621,6 +621,6 @@ impl HttpContext for Stream {
     }
 
     fn on_log(&mut self) {
-        self.feature.on_log(&self.state);
+        self.feature.on_log(&self.state, &mut self.exchange);
     }
 }

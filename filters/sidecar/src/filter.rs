@@ -115,7 +115,7 @@ impl HttpContext for Stream {
             feature.on_log(&mut self.exchange);
         }
         if let Some(feature) = &features.retry_budget {
-            feature.on_log(&self.retry_budget);
+            feature.on_log(&self.retry_budget, &mut self.exchange);
         }
     }
 }

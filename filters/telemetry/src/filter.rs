@@ -267,7 +267,7 @@ impl Telemetry {
         let duration = host::int_property(paths::REQUEST_DURATION);
         let flags = host::int_property(paths::RESPONSE_FLAGS).unwrap_or(0) as u64;
         let attempts = if reporter == Reporter::Source {
-            host::int_property(paths::UPSTREAM_ATTEMPTS).unwrap_or(0)
+            exchange.upstream_attempts().unwrap_or(0)
         } else {
             0
         };
