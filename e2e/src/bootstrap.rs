@@ -60,6 +60,23 @@ impl Node {
         }
     }
 
+    /// A sidecar of the tests' shop namespace: `workload` owned by `team`, with its
+    /// criticality, environment `prod` and region `eu-west-1` (what the behaviour tests of the
+    /// filters resolve this workload's labels from).
+    pub fn shop_sidecar(workload: &str, team: &str, criticality: &str) -> Node {
+        Node::istio_sidecar(
+            workload,
+            "shop",
+            &[
+                ("app", workload),
+                ("team", team),
+                ("criticality", criticality),
+                ("environment", "prod"),
+            ],
+        )
+        .with_locality(Some("eu-west-1"), Some("eu-west-1a"))
+    }
+
     pub fn with_metadata(mut self, metadata: Value) -> Node {
         self.metadata = metadata;
         self

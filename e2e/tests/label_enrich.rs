@@ -35,26 +35,6 @@ fn stats_tags() -> Vec<(String, String)> {
         .collect()
 }
 
-/// An Istio sidecar's node: NAME, NAMESPACE, WORKLOAD_NAME, LABELS, and a locality region.
-fn sidecar_node(workload: &str, team: &str, criticality: &str) -> Node {
-    Node::new(
-        &format!("sidecar~127.0.0.1~{workload}-0.shop~shop.svc.cluster.local"),
-        &format!("{workload}.shop"),
-    )
-    .with_metadata(json!({
-        "NAME": format!("{workload}-7d9f-0"),
-        "NAMESPACE": "shop",
-        "WORKLOAD_NAME": format!("{workload}-v1"),
-        "LABELS": {
-            "app": workload,
-            "team": team,
-            "criticality": criticality,
-            "environment": "prod",
-        },
-    }))
-    .with_locality(Some("eu-west-1"), Some("eu-west-1a"))
-}
-
 struct MeshOptions {
     module: ModuleUnderTest,
     peer_trust: &'static str,
@@ -102,7 +82,7 @@ impl Mesh {
             to_callee = to_callee.upstream_tls(&caller_cert, Some("localhost"));
         }
         let callee_config = bootstrap(
-            &sidecar_node("checkout", "payments", "critical"),
+            &Node::shop_sidecar("checkout", "payments", "critical"),
             free_port(),
             vec![inbound.build()],
             vec![ClusterBuilder::new("app", app.port()).build()],
@@ -118,7 +98,7 @@ impl Mesh {
             .http_filter(feature_filter(module, FEATURE, config)?)
             .access_log(&caller_access_log, ACCESS_LOG_FORMAT);
         let caller_config = bootstrap(
-            &sidecar_node("frontend", "web", "high"),
+            &Node::shop_sidecar("frontend", "web", "high"),
             free_port(),
             vec![outbound.build()],
             vec![to_callee.build()],

@@ -152,20 +152,6 @@ fn static_like(
     }
 }
 
-fn sidecar_node(workload: &str, team: &str, criticality: &str) -> Node {
-    Node::new(
-        &format!("sidecar~127.0.0.1~{workload}-0.shop~shop.svc.cluster.local"),
-        &format!("{workload}.shop"),
-    )
-    .with_metadata(json!({
-        "NAME": format!("{workload}-7d9f-0"),
-        "NAMESPACE": "shop",
-        "WORKLOAD_NAME": format!("{workload}-v1"),
-        "LABELS": {"app": workload, "team": team, "criticality": criticality, "environment": "prod"},
-    }))
-    .with_locality(Some("eu-west-1"), Some("eu-west-1a"))
-}
-
 /// A bootstrap with every eastwest stats tag and a 1 s stats flush (histograms reach the
 /// Prometheus text at each flush).
 fn sidecar_bootstrap(node: &Node, listener: Value, cluster: Value) -> Value {
@@ -230,12 +216,12 @@ impl Pair {
             outbound = outbound.http_filter(filter);
         }
         let callee_config = sidecar_bootstrap(
-            &sidecar_node("checkout", "payments", "critical"),
+            &Node::shop_sidecar("checkout", "payments", "critical"),
             inbound.build(),
             ClusterBuilder::new("app", app.port()).http2(true).build(),
         );
         let caller_config = sidecar_bootstrap(
-            &sidecar_node("frontend", "web", "high"),
+            &Node::shop_sidecar("frontend", "web", "high"),
             outbound.build(),
             ClusterBuilder::new("checkout", callee_port)
                 .http2(true)

@@ -72,20 +72,6 @@ fn with_buckets(mut config: Value) -> Value {
     config
 }
 
-fn sidecar_node(workload: &str, team: &str, criticality: &str) -> Node {
-    Node::new(
-        &format!("sidecar~127.0.0.1~{workload}-0.shop~shop.svc.cluster.local"),
-        &format!("{workload}.shop"),
-    )
-    .with_metadata(json!({
-        "NAME": format!("{workload}-0"),
-        "NAMESPACE": "shop",
-        "WORKLOAD_NAME": format!("{workload}-v1"),
-        "LABELS": {"app": workload, "team": team, "criticality": criticality, "environment": "prod"},
-    }))
-    .with_locality(Some("eu-west-1"), None)
-}
-
 /// caller sidecar (label-enrich + telemetry, outbound) → callee sidecar (inbound) → app.
 struct Mesh {
     _app: TestApp,
@@ -145,7 +131,7 @@ impl Mesh {
         let _ = std::fs::remove_file(&callee_flags_log);
         let trust = json!({"peer_trust": "any"});
         let callee_config = with_buckets(bootstrap(
-            &sidecar_node("checkout", "payments", "critical"),
+            &Node::shop_sidecar("checkout", "payments", "critical"),
             free_port(),
             vec![ListenerBuilder::new("inbound", callee_port, "app")
                 .traffic_direction(TrafficDirection::Inbound)
@@ -159,7 +145,7 @@ impl Mesh {
             &tags,
         ));
         let caller_config = with_buckets(bootstrap(
-            &sidecar_node("frontend", "web", "high"),
+            &Node::shop_sidecar("frontend", "web", "high"),
             free_port(),
             vec![{
                 let mut outbound = ListenerBuilder::new("outbound", caller_port, "callee")
