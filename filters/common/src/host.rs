@@ -393,14 +393,31 @@ impl Resolver {
         }
     }
 
-    /// Resolves the caller of an inbound request from every `baggage` value, Istio's peer
-    /// metadata and what the downstream connection proves.
+    /// Resolves the caller of an inbound request from every `baggage` value, every value of
+    /// Istio's peer metadata and what the downstream connection proves.
     pub fn inbound(
         &self,
         baggage: &[&[u8]],
-        peer_metadata: Option<&[u8]>,
+        peer_metadata: &[&[u8]],
         identity: &RawIdentity,
     ) -> std::rc::Rc<InboundResolution> {
+        let resolve = || {
+            let decision = crate::resolve::inbound_decision(
+                &self.settings,
+                baggage,
+                peer_metadata,
+                &identity.parse(),
+            );
+            let source = std::rc::Rc::new(crate::party::Party::new(decision.source.clone()));
+            std::rc::Rc::new(InboundResolution { decision, source })
+        };
+        // Several peer-metadata values are refused whatever they hold: resolved without the
+        // memos, so that such requests cannot push real callers out of them.
+        let peer_metadata = match peer_metadata {
+            [] => None,
+            [one] => Some(*one),
+            _ => return resolve(),
+        };
         // First the exact inputs: a caller sending the same baggage again costs one
         // comparison. Then the claims only: the other baggage members (a user id, a session)
         // change from request to request and decide nothing, so a caller whose baggage varies
@@ -430,16 +447,7 @@ impl Resolver {
         let resolution = self
             .inbound
             .borrow_mut()
-            .get_or_insert_with(&parts, || {
-                let decision = crate::resolve::inbound_decision(
-                    &self.settings,
-                    baggage,
-                    peer_metadata,
-                    &identity.parse(),
-                );
-                let source = std::rc::Rc::new(crate::party::Party::new(decision.source.clone()));
-                std::rc::Rc::new(InboundResolution { decision, source })
-            })
+            .get_or_insert_with(&parts, resolve)
             .clone();
         self.inbound_exact
             .borrow_mut()
@@ -447,13 +455,20 @@ impl Resolver {
         resolution
     }
 
-    /// Resolves the destination of an outbound request from its `x-eastwest-peer` header and
-    /// what the upstream connection proves; the routed cluster is read only when needed.
+    /// Resolves the destination of an outbound request from every value of its
+    /// `x-eastwest-peer` header and what the upstream connection proves; the routed cluster is
+    /// read only when needed.
     pub fn outbound(
         &self,
-        peer_header: Option<&[u8]>,
+        peer_header: &[&[u8]],
         identity: &RawIdentity,
     ) -> std::rc::Rc<OutboundResolution> {
+        let peer_header = match peer_header {
+            [] => None,
+            [one] => Some(*one),
+            // Refused whatever they hold; kept out of the memo.
+            several => return self.resolve_outbound(several, identity, None),
+        };
         let parts: [&[u8]; 4] = [
             presence(peer_header),
             peer_header.unwrap_or_default(),
@@ -481,6 +496,19 @@ impl Resolver {
                 }
             }
         }
+        let values = peer_header.as_slice();
+        let resolution = self.resolve_outbound(values, identity, cluster);
+        memo.put(&parts, resolution.clone());
+        resolution
+    }
+
+    /// [`Resolver::outbound`] without the memo (`cluster`: the routed cluster when already read).
+    fn resolve_outbound(
+        &self,
+        peer_header: &[&[u8]],
+        identity: &RawIdentity,
+        mut cluster: Option<Option<Vec<u8>>>,
+    ) -> std::rc::Rc<OutboundResolution> {
         let mut used_cluster = None;
         let outcome = crate::resolve::outbound_response(
             &self.settings,
@@ -493,13 +521,11 @@ impl Resolver {
             },
         );
         let destination = std::rc::Rc::new(crate::party::Party::new(outcome.destination.clone()));
-        let resolution = std::rc::Rc::new(OutboundResolution {
+        std::rc::Rc::new(OutboundResolution {
             outcome,
             destination,
             cluster: used_cluster,
-        });
-        memo.put(&parts, resolution.clone());
-        resolution
+        })
     }
 
     /// One end's labels as label-enrich published them in filter state (`key`); `None` when
@@ -518,6 +544,17 @@ impl Resolver {
         )
     }
 
+    /// The destination of an outbound request from the response's `x-eastwest-peer` values
+    /// (every one of them) and the upstream connection; problems are in the outcome.
+    pub fn outbound_from_response(&self) -> std::rc::Rc<OutboundResolution> {
+        let headers = header_map(MapType::HttpResponseHeaders).ok();
+        let peer_header = headers
+            .as_ref()
+            .and_then(|headers| headers.values(crate::resolve::PEER_HEADER))
+            .unwrap_or_default();
+        self.outbound(&peer_header, &upstream_identity_raw())
+    }
+
     /// The calling service on an inbound sidecar: what label-enrich published in filter state
     /// when it ran first, else resolved here from the request's claims with the same trust
     /// rules. The problems found while resolving are returned for the caller to count.
@@ -530,19 +567,17 @@ impl Resolver {
         if let Some(state) = self.from_state(crate::resolve::SOURCE_STATE_KEY) {
             return (state, None);
         }
-        let peer_metadata = header_value(
-            MapType::HttpRequestHeaders,
-            crate::peer::ISTIO_PEER_METADATA_HEADER,
-        )
-        .ok()
-        .flatten();
         let identity = downstream_identity_raw(self.settings.peer_trust);
         let headers = header_map(MapType::HttpRequestHeaders).ok();
-        let baggage = headers
-            .as_ref()
-            .and_then(|headers| headers.values("baggage"))
-            .unwrap_or_default();
-        let resolution = self.inbound(&baggage, peer_metadata.as_deref(), &identity);
+        let values = |name: &str| {
+            headers
+                .as_ref()
+                .and_then(|headers| headers.values(name))
+                .unwrap_or_default()
+        };
+        let baggage = values("baggage");
+        let peer_metadata = values(crate::peer::ISTIO_PEER_METADATA_HEADER);
+        let resolution = self.inbound(&baggage, &peer_metadata, &identity);
         (
             resolution.source.clone(),
             Some(resolution.decision.problems.clone()),

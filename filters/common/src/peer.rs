@@ -5,7 +5,7 @@ use base64::Engine;
 use prost::Message;
 
 use crate::labels::LabelKeys;
-use crate::properties::{labels_from_istio_metadata, Resolved};
+use crate::properties::{labels_from_istio_metadata, string_field, Resolved};
 
 /// Istio's header carrying the calling workload's metadata.
 pub const ISTIO_PEER_METADATA_HEADER: &str = "x-envoy-peer-metadata";
@@ -21,11 +21,27 @@ pub enum PeerMetadataError {
     NotProtobuf,
 }
 
+/// What a peer-metadata header claims: the labels it resolves to, and the identity it states
+/// as raw strings (checked against the certificate before any of its labels is used).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerMetadata {
+    pub resolved: Resolved,
+    /// `NAMESPACE`, as given (even when it is not a valid label value).
+    pub namespace: Option<String>,
+    /// `SERVICE_ACCOUNT`, as given.
+    pub service_account: Option<String>,
+}
+
 /// Decodes the header into labels.
 pub fn labels_from_peer_metadata(
     header: &[u8],
     keys: &LabelKeys,
 ) -> Result<Resolved, PeerMetadataError> {
+    peer_metadata(header, keys).map(|metadata| metadata.resolved)
+}
+
+/// Decodes the header into labels and the identity it states.
+pub fn peer_metadata(header: &[u8], keys: &LabelKeys) -> Result<PeerMetadata, PeerMetadataError> {
     if header.len() > MAX_PEER_METADATA_BYTES {
         return Err(PeerMetadataError::TooLarge);
     }
@@ -36,7 +52,11 @@ pub fn labels_from_peer_metadata(
         .map_err(|_| PeerMetadataError::NotBase64)?;
     let metadata = prost_types::Struct::decode(bytes.as_slice())
         .map_err(|_| PeerMetadataError::NotProtobuf)?;
-    Ok(labels_from_istio_metadata(&metadata, keys))
+    Ok(PeerMetadata {
+        resolved: labels_from_istio_metadata(&metadata, keys),
+        namespace: string_field(&metadata, "NAMESPACE").map(str::to_string),
+        service_account: string_field(&metadata, "SERVICE_ACCOUNT").map(str::to_string),
+    })
 }
 
 #[cfg(test)]

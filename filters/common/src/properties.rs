@@ -75,7 +75,7 @@ pub struct Resolved {
     pub invalid_values: u32,
 }
 
-fn string_field<'a>(fields: &'a prost_types::Struct, name: &str) -> Option<&'a str> {
+pub(crate) fn string_field<'a>(fields: &'a prost_types::Struct, name: &str) -> Option<&'a str> {
     match fields.fields.get(name)?.kind.as_ref()? {
         Kind::StringValue(value) if !value.is_empty() => Some(value),
         _ => None,

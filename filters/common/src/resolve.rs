@@ -7,7 +7,7 @@
 use crate::baggage::{self, Claims, DEFAULT_MAX_BAGGAGE_BYTES};
 use crate::config::{ConfigError, PeerTrust};
 use crate::labels::{LabelKeys, Labels, LocalLabels};
-use crate::peer::{labels_from_peer_metadata, PeerMetadataError};
+use crate::peer::peer_metadata as decode_peer_metadata;
 use crate::trust::{self, PeerIdentity, Refusal};
 
 /// Response header carrying the destination's labels back to the caller's sidecar.
@@ -87,9 +87,11 @@ pub enum Problem {
     BaggageOversized,
     /// A label member whose value is badly encoded, invalid or repeated.
     BaggageMember,
-    /// `x-envoy-peer-metadata` that is not base64 of a protobuf Struct, or holds invalid values.
+    /// `x-envoy-peer-metadata` that is not base64 of a protobuf Struct, holds invalid values or
+    /// came in several values.
     PeerMetadata,
-    /// An `x-eastwest-peer` response header that is oversized or holds invalid members.
+    /// An `x-eastwest-peer` response header that is oversized, holds invalid members or came in
+    /// several values.
     PeerHeader,
     /// Node metadata that cannot be decoded or holds invalid values.
     NodeMetadata,
@@ -164,7 +166,7 @@ pub struct InboundRequest {
     pub refused: Option<Refusal>,
     /// `Some(new value)` when the baggage must be rewritten (`Some(None)`: removed).
     pub rewrite_baggage: Option<Option<Vec<u8>>>,
-    /// The Istio peer-metadata header must be removed (its claims were refused).
+    /// The Istio peer-metadata header must be removed (its claims were not used).
     pub remove_peer_metadata: bool,
     pub problems: Problems,
 }
@@ -216,39 +218,65 @@ pub fn claims_key<'a>(baggage_headers: &[&'a [u8]], max_bytes: usize) -> (Vec<&'
 }
 
 /// Resolves the caller of an inbound request from its claims (`baggage`, then Istio's
-/// `x-envoy-peer-metadata`) and what its certificate proves.
+/// `x-envoy-peer-metadata`, every value of each) and what its certificate proves.
 pub fn inbound_request(
     settings: &LabelSettings,
     baggage_headers: &[&[u8]],
-    peer_metadata: Option<&[u8]>,
+    peer_metadata: &[&[u8]],
     identity: &PeerIdentity,
 ) -> InboundRequest {
     inbound_decision(settings, baggage_headers, peer_metadata, identity).apply(baggage_headers)
+}
+
+/// The labels of Istio peer metadata (every value of the header) that may join the baggage's
+/// claims, or why none may: several values, undecodable, or an identity that contradicts the
+/// certificate ([`trust::peer_metadata_refusal`]).
+fn peer_metadata_claims(
+    settings: &LabelSettings,
+    values: &[&[u8]],
+    identity: &PeerIdentity,
+    problems: &mut Problems,
+) -> (Option<Labels>, Option<Refusal>) {
+    let header = match values {
+        [] => return (None, None),
+        [header] => header,
+        _ => {
+            problems.add(Problem::PeerMetadata, 1);
+            return (None, Some(Refusal::RepeatedHeader));
+        }
+    };
+    let Ok(metadata) = decode_peer_metadata(header, &settings.label_keys) else {
+        problems.add(Problem::PeerMetadata, 1);
+        return (None, None);
+    };
+    problems.add(Problem::PeerMetadata, metadata.resolved.invalid_values);
+    match trust::peer_metadata_refusal(
+        metadata.namespace.as_deref(),
+        metadata.service_account.as_deref(),
+        settings.peer_trust,
+        identity,
+        settings.trust_domain.as_deref(),
+    ) {
+        Some(refusal) => (None, Some(refusal)),
+        None => (Some(metadata.resolved.labels), None),
+    }
 }
 
 /// The decision of [`inbound_request`], without applying it to the baggage.
 pub fn inbound_decision(
     settings: &LabelSettings,
     baggage_headers: &[&[u8]],
-    peer_metadata: Option<&[u8]>,
+    peer_metadata: &[&[u8]],
     identity: &PeerIdentity,
 ) -> InboundDecision {
     let mut problems = Problems::default();
     let claims = baggage::read_claims(baggage_headers, settings.max_baggage_bytes);
     problems.add_claims(&claims);
     let mut claimed = claims.labels.clone();
-    if let Some(header) = peer_metadata {
-        match labels_from_peer_metadata(header, &settings.label_keys) {
-            Ok(resolved) => {
-                problems.add(Problem::PeerMetadata, resolved.invalid_values);
-                claimed.fill_from(&resolved.labels);
-            }
-            Err(
-                PeerMetadataError::TooLarge
-                | PeerMetadataError::NotBase64
-                | PeerMetadataError::NotProtobuf,
-            ) => problems.add(Problem::PeerMetadata, 1),
-        }
+    let (metadata_labels, metadata_refused) =
+        peer_metadata_claims(settings, peer_metadata, identity, &mut problems);
+    if let Some(labels) = &metadata_labels {
+        claimed.fill_from(labels);
     }
     let decision = trust::decide(
         &claimed,
@@ -269,11 +297,14 @@ pub fn inbound_decision(
     } else {
         None
     };
+    // The peer metadata goes on only when its claims were used: later filters and the app
+    // must never read a blob that was refused or that the certificate contradicts.
+    let metadata_used = accepted && metadata_labels.is_some_and(|labels| !labels.is_empty());
     InboundDecision {
         source: decision.labels,
-        refused: decision.refused,
+        refused: decision.refused.or(metadata_refused),
         rewrite_members,
-        remove_peer_metadata: peer_metadata.is_some() && !accepted,
+        remove_peer_metadata: !peer_metadata.is_empty() && !metadata_used,
         problems,
     }
 }
@@ -290,23 +321,30 @@ pub struct OutboundResponse {
 /// the upstream certificate proves; a service or namespace still unknown then comes from the
 /// upstream cluster the request was routed to (`cluster`, read only when needed): the
 /// caller's own routing, which also names a callee that never answered (a connection failure,
-/// a local reply) instead of `unknown`.
+/// a local reply) instead of `unknown`. `peer_header` holds every value of the header: several
+/// are refused (none is used).
 pub fn outbound_response(
     settings: &LabelSettings,
-    peer_header: Option<&[u8]>,
+    peer_header: &[&[u8]],
     identity: &PeerIdentity,
     cluster: impl FnOnce() -> Option<Vec<u8>>,
 ) -> OutboundResponse {
     let mut problems = Problems::default();
+    let mut repeated = None;
     let claimed = match peer_header {
-        Some(header) => {
+        [] => Labels::default(),
+        [header] => {
             let claims = baggage::read_claims(&[header], settings.max_baggage_bytes);
             if claims.oversized || claims.malformed_members > 0 {
                 problems.add(Problem::PeerHeader, 1);
             }
             claims.labels
         }
-        None => Labels::default(),
+        _ => {
+            problems.add(Problem::PeerHeader, 1);
+            repeated = Some(Refusal::RepeatedHeader);
+            Labels::default()
+        }
     };
     let decision = trust::decide(
         &claimed,
@@ -331,7 +369,7 @@ pub fn outbound_response(
     }
     OutboundResponse {
         destination,
-        refused: decision.refused,
+        refused: decision.refused.or(repeated),
         problems,
     }
 }
@@ -401,7 +439,7 @@ mod tests {
 
     #[test]
     fn trusted_clean_claims_pass_untouched() {
-        let outcome = inbound_request(&settings("mtls"), &[CALLER], None, &mtls("shop"));
+        let outcome = inbound_request(&settings("mtls"), &[CALLER], &[], &mtls("shop"));
         assert_eq!(outcome.refused, None);
         assert_eq!(outcome.source.get(Label::Service), Some("frontend"));
         assert_eq!(outcome.source.get(Label::Team), Some("web"));
@@ -412,7 +450,7 @@ mod tests {
     #[test]
     fn forged_claims_without_mtls_are_stripped() {
         let forged: &[u8] = b"userid=42,service.name=admin";
-        let outcome = inbound_request(&settings("mtls"), &[forged], None, &PeerIdentity::default());
+        let outcome = inbound_request(&settings("mtls"), &[forged], &[], &PeerIdentity::default());
         assert_eq!(outcome.refused, Some(Refusal::NoMtls));
         assert!(outcome.source.is_empty());
         assert_eq!(outcome.rewrite_baggage, Some(Some(b"userid=42".to_vec())));
@@ -420,7 +458,7 @@ mod tests {
 
     #[test]
     fn namespace_mismatch_keeps_only_the_proven_namespace() {
-        let outcome = inbound_request(&settings("mtls"), &[CALLER], None, &mtls("other"));
+        let outcome = inbound_request(&settings("mtls"), &[CALLER], &[], &mtls("other"));
         assert_eq!(outcome.refused, Some(Refusal::NamespaceMismatch));
         assert_eq!(outcome.source.get(Label::Namespace), Some("other"));
         assert_eq!(outcome.source.get(Label::Service), None);
@@ -432,7 +470,7 @@ mod tests {
         let outcome = inbound_request(
             &settings("any"),
             &[b"service.name=frontend,eastwest.team=%zz,a=1"],
-            None,
+            &[],
             &PeerIdentity::default(),
         );
         assert_eq!(outcome.problems.count(Problem::BaggageMember), 1);
@@ -447,7 +485,7 @@ mod tests {
     fn oversized_baggage_is_counted_and_its_label_members_removed() {
         let mut big = b"service.name=admin,".to_vec();
         big.extend(std::iter::repeat_n(b'x', 9000));
-        let outcome = inbound_request(&settings("any"), &[&big], None, &PeerIdentity::default());
+        let outcome = inbound_request(&settings("any"), &[&big], &[], &PeerIdentity::default());
         assert_eq!(outcome.problems.count(Problem::BaggageOversized), 1);
         assert!(outcome.source.is_empty());
         let rewritten = outcome.rewrite_baggage.unwrap().unwrap();
@@ -460,7 +498,7 @@ mod tests {
         let outcome = inbound_request(
             &settings("any"),
             &[],
-            Some(b"%%%garbage"),
+            &[b"%%%garbage"],
             &PeerIdentity::default(),
         );
         assert_eq!(outcome.problems.count(Problem::PeerMetadata), 1);
@@ -468,12 +506,116 @@ mod tests {
         assert!(outcome.remove_peer_metadata);
     }
 
+    fn peer_metadata(namespace: &str, app: &str, account: Option<&str>) -> String {
+        use base64::Engine;
+        use prost::Message;
+        let mut metadata = crate::properties::tests::istio_metadata(
+            namespace,
+            &format!("{app}-v1"),
+            &[("app", app)],
+        );
+        if let Some(account) = account {
+            metadata.fields.insert(
+                "SERVICE_ACCOUNT".into(),
+                crate::properties::tests::string_value(account),
+            );
+        }
+        base64::engine::general_purpose::STANDARD.encode(metadata.encode_to_vec())
+    }
+
+    #[test]
+    fn peer_metadata_that_contradicts_the_certificate_is_refused_and_removed() {
+        // The case: baggage claims the proven namespace, the blob another one.
+        let blob = peer_metadata("kube-system", "admin", None);
+        let baggage: &[u8] = b"k8s.namespace.name=shop";
+        let outcome = inbound_request(
+            &settings("mtls"),
+            &[baggage],
+            &[blob.as_bytes()],
+            &mtls("shop"),
+        );
+        assert_eq!(outcome.refused, Some(Refusal::PeerMetadataMismatch));
+        assert_eq!(outcome.source.get(Label::Service), None);
+        assert_eq!(outcome.source.get(Label::Namespace), Some("shop"));
+        assert!(outcome.remove_peer_metadata);
+        // A service account other than the certificate's, under `any` too.
+        let other_account = peer_metadata("shop", "admin", Some("admin"));
+        let outcome = inbound_request(
+            &settings("any"),
+            &[],
+            &[other_account.as_bytes()],
+            &mtls("shop"),
+        );
+        assert_eq!(outcome.refused, Some(Refusal::PeerMetadataMismatch));
+        assert_eq!(outcome.source.get(Label::Service), None);
+        assert!(outcome.remove_peer_metadata);
+        // The certificate's own namespace and account: used, and left on the request.
+        let honest = peer_metadata("shop", "frontend", Some("x"));
+        let outcome = inbound_request(&settings("mtls"), &[], &[honest.as_bytes()], &mtls("shop"));
+        assert_eq!(outcome.refused, None);
+        assert_eq!(outcome.source.get(Label::Service), Some("frontend"));
+        assert!(!outcome.remove_peer_metadata);
+    }
+
+    #[test]
+    fn several_peer_metadata_values_are_refused_and_removed() {
+        let honest = peer_metadata("shop", "frontend", None);
+        let forged = peer_metadata("shop", "admin", None);
+        let outcome = inbound_request(
+            &settings("mtls"),
+            &[],
+            &[honest.as_bytes(), forged.as_bytes()],
+            &mtls("shop"),
+        );
+        assert_eq!(outcome.refused, Some(Refusal::RepeatedHeader));
+        assert_eq!(outcome.problems.count(Problem::PeerMetadata), 1);
+        assert_eq!(outcome.source.get(Label::Service), None);
+        assert!(outcome.remove_peer_metadata);
+    }
+
+    #[test]
+    fn unused_peer_metadata_is_removed() {
+        // Refused baggage claims: the blob's labels were not used either.
+        let blob = peer_metadata("shop", "frontend", None);
+        let outcome = inbound_request(
+            &settings("mtls"),
+            &[b"k8s.namespace.name=kube-system"],
+            &[blob.as_bytes()],
+            &mtls("shop"),
+        );
+        assert_eq!(outcome.refused, Some(Refusal::NamespaceMismatch));
+        assert!(outcome.remove_peer_metadata);
+        let outcome = inbound_request(
+            &settings("mtls"),
+            &[],
+            &[blob.as_bytes()],
+            &PeerIdentity::default(),
+        );
+        assert_eq!(outcome.refused, Some(Refusal::NoMtls));
+        assert!(outcome.remove_peer_metadata);
+    }
+
+    #[test]
+    fn several_peer_header_values_are_refused() {
+        let header: &[u8] = b"service.name=payments,k8s.namespace.name=shop";
+        let forged: &[u8] = b"service.name=admin,k8s.namespace.name=shop";
+        let outcome = outbound_response(
+            &settings("any"),
+            &[header, forged],
+            &mtls("shop"),
+            no_cluster,
+        );
+        assert_eq!(outcome.refused, Some(Refusal::RepeatedHeader));
+        assert_eq!(outcome.problems.count(Problem::PeerHeader), 1);
+        assert_eq!(outcome.destination.get(Label::Service), None);
+        assert_eq!(outcome.destination.get(Label::Namespace), Some("shop"));
+    }
+
     #[test]
     fn destination_claims_follow_the_same_trust() {
         let header: &[u8] =
             b"service.name=payments,k8s.namespace.name=shop,service.criticality=critical";
-        let accepted =
-            outbound_response(&settings("mtls"), Some(header), &mtls("shop"), no_cluster);
+        let accepted = outbound_response(&settings("mtls"), &[header], &mtls("shop"), no_cluster);
         assert_eq!(accepted.destination.get(Label::Service), Some("payments"));
         assert_eq!(
             accepted.destination.get(Label::Criticality),
@@ -481,7 +623,7 @@ mod tests {
         );
         let refused = outbound_response(
             &settings("mtls"),
-            Some(header),
+            &[header],
             &PeerIdentity::default(),
             no_cluster,
         );
@@ -489,13 +631,12 @@ mod tests {
         assert!(refused.destination.is_empty());
         let broken = outbound_response(
             &settings("any"),
-            Some(b"service.name=%"),
+            &[b"service.name=%"],
             &PeerIdentity::default(),
             no_cluster,
         );
         assert_eq!(broken.problems.count(Problem::PeerHeader), 1);
-        let absent =
-            outbound_response(&settings("any"), None, &PeerIdentity::default(), no_cluster);
+        let absent = outbound_response(&settings("any"), &[], &PeerIdentity::default(), no_cluster);
         assert!(absent.destination.is_empty());
         assert_eq!(absent.refused, None);
     }
@@ -507,12 +648,12 @@ mod tests {
     #[test]
     fn the_routed_cluster_names_a_destination_that_did_not_answer() {
         let istio = || Some(b"outbound|8080||payments.shop.svc.cluster.local".to_vec());
-        let silent = outbound_response(&settings("mtls"), None, &PeerIdentity::default(), istio);
+        let silent = outbound_response(&settings("mtls"), &[], &PeerIdentity::default(), istio);
         assert_eq!(silent.destination.get(Label::Service), Some("payments"));
         assert_eq!(silent.destination.get(Label::Namespace), Some("shop"));
         assert_eq!(silent.destination.get(Label::Team), None);
         // What the certificate proves wins over the cluster's name; the cluster fills the rest.
-        let proven = outbound_response(&settings("mtls"), None, &mtls("payments-ns"), istio);
+        let proven = outbound_response(&settings("mtls"), &[], &mtls("payments-ns"), istio);
         assert_eq!(
             proven.destination.get(Label::Namespace),
             Some("payments-ns")
@@ -520,14 +661,10 @@ mod tests {
         assert_eq!(proven.destination.get(Label::Service), Some("payments"));
         // Trusted claims win too, and a plain cluster name gives no namespace.
         let header: &[u8] = b"service.name=pay-v2,k8s.namespace.name=shop";
-        let claimed = outbound_response(
-            &settings("any"),
-            Some(header),
-            &PeerIdentity::default(),
-            istio,
-        );
+        let claimed =
+            outbound_response(&settings("any"), &[header], &PeerIdentity::default(), istio);
         assert_eq!(claimed.destination.get(Label::Service), Some("pay-v2"));
-        let plain = outbound_response(&settings("any"), None, &PeerIdentity::default(), || {
+        let plain = outbound_response(&settings("any"), &[], &PeerIdentity::default(), || {
             Some(b"payments".to_vec())
         });
         assert_eq!(plain.destination.get(Label::Service), Some("payments"));
@@ -544,7 +681,7 @@ mod tests {
                 .into_iter()
                 .map(<[u8]>::to_vec)
                 .collect();
-            let decision = inbound_decision(&settings("mtls"), &headers, None, &mtls("shop"));
+            let decision = inbound_decision(&settings("mtls"), &headers, &[], &mtls("shop"));
             (key, decision)
         };
         let (key_a, decision_a) = with("userid=7");
@@ -554,7 +691,7 @@ mod tests {
         // A refused claim: the decision says which members go, each request's baggage keeps
         // its own other members.
         let forged = [&b"userid=9,service.name=admin,k8s.namespace.name=kube-system"[..]];
-        let decision = inbound_decision(&settings("mtls"), &forged, None, &PeerIdentity::default());
+        let decision = inbound_decision(&settings("mtls"), &forged, &[], &PeerIdentity::default());
         assert_eq!(decision.rewrite_members.as_deref(), Some(""));
         assert_eq!(
             decision.apply(&forged).rewrite_baggage,

@@ -60,15 +60,23 @@ pub enum Refusal {
     TrustDomain,
     /// The claimed namespace differs from (or is missing next to) the certificate's.
     NamespaceMismatch,
+    /// Istio peer metadata whose `NAMESPACE` or `SERVICE_ACCOUNT` differs from the
+    /// certificate's (or, under `mtls`, names no namespace).
+    PeerMetadataMismatch,
+    /// The claims came in several values of a header that carries one (`x-envoy-peer-metadata`,
+    /// `x-eastwest-peer`): which one the next hop would read is not defined, so none is used.
+    RepeatedHeader,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::TrustNone,
         Refusal::NoMtls,
         Refusal::NoSpiffeId,
         Refusal::TrustDomain,
         Refusal::NamespaceMismatch,
+        Refusal::PeerMetadataMismatch,
+        Refusal::RepeatedHeader,
     ];
 
     /// Position in [`Refusal::ALL`].
@@ -83,6 +91,8 @@ impl Refusal {
             Refusal::NoSpiffeId => "no_spiffe_id",
             Refusal::TrustDomain => "trust_domain",
             Refusal::NamespaceMismatch => "namespace_mismatch",
+            Refusal::PeerMetadataMismatch => "peer_metadata_mismatch",
+            Refusal::RepeatedHeader => "repeated_header",
         }
     }
 }
@@ -95,6 +105,52 @@ pub struct Decision {
     pub refused: Option<Refusal>,
 }
 
+/// The SPIFFE ID the connection proves: presented over mTLS and in the configured trust domain.
+fn proven_spiffe<'a>(
+    identity: &'a PeerIdentity,
+    trust_domain: Option<&str>,
+) -> Option<&'a SpiffeId> {
+    identity
+        .spiffe
+        .as_ref()
+        .filter(|_| identity.mtls)
+        .filter(|id| trust_domain.is_none_or(|domain| domain == id.trust_domain))
+}
+
+/// Whether Istio peer metadata may be used at all, judged on its own before its labels join the
+/// baggage's claims: the identity it states (`NAMESPACE`, `SERVICE_ACCOUNT`, as raw strings) must
+/// not contradict the certificate, in every mode; under `mtls` it must also come from an mTLS
+/// peer with a SPIFFE ID of the trust domain and name that ID's namespace.
+pub fn peer_metadata_refusal(
+    namespace: Option<&str>,
+    service_account: Option<&str>,
+    mode: PeerTrust,
+    identity: &PeerIdentity,
+    trust_domain: Option<&str>,
+) -> Option<Refusal> {
+    if mode == PeerTrust::None {
+        return Some(Refusal::TrustNone);
+    }
+    if mode == PeerTrust::Mtls {
+        if !identity.mtls {
+            return Some(Refusal::NoMtls);
+        }
+        let Some(id) = identity.spiffe.as_ref() else {
+            return Some(Refusal::NoSpiffeId);
+        };
+        if trust_domain.is_some_and(|domain| domain != id.trust_domain) {
+            return Some(Refusal::TrustDomain);
+        }
+    }
+    let id = proven_spiffe(identity, trust_domain)?;
+    let namespace_contradicts = match namespace {
+        Some(namespace) => namespace != id.namespace,
+        None => mode == PeerTrust::Mtls,
+    };
+    let account_contradicts = service_account.is_some_and(|account| account != id.service_account);
+    (namespace_contradicts || account_contradicts).then_some(Refusal::PeerMetadataMismatch)
+}
+
 /// Applies `peer_trust` to a peer's claims. A claim never overrides what the certificate
 /// proves: a claimed namespace that differs from the certificate's refuses the claims in every
 /// mode. Refused claims leave only what the certificate proves (its namespace).
@@ -104,11 +160,7 @@ pub fn decide(
     identity: &PeerIdentity,
     trust_domain: Option<&str>,
 ) -> Decision {
-    let proven_spiffe = identity
-        .spiffe
-        .as_ref()
-        .filter(|_| identity.mtls)
-        .filter(|id| trust_domain.is_none_or(|domain| domain == id.trust_domain));
+    let proven_spiffe = proven_spiffe(identity, trust_domain);
     let mut proven = Labels::default();
     if let Some(id) = proven_spiffe {
         if crate::labels::validate_value(Label::Namespace, id.namespace.as_bytes()).is_ok() {
@@ -276,6 +328,67 @@ mod tests {
         assert_eq!(mismatch.refused, Some(Refusal::NamespaceMismatch));
         let filled = decide(&claims("frontend", None), PeerTrust::Any, &identity, None);
         assert_eq!(filled.labels.get(Label::Namespace), Some("shop"));
+    }
+
+    #[test]
+    fn peer_metadata_must_not_contradict_the_certificate() {
+        let identity = mtls_identity("spiffe://cluster.local/ns/shop/sa/frontend");
+        let refusal = |namespace, account, mode| {
+            peer_metadata_refusal(namespace, account, mode, &identity, None)
+        };
+        assert_eq!(
+            refusal(Some("shop"), Some("frontend"), PeerTrust::Mtls),
+            None
+        );
+        assert_eq!(refusal(Some("shop"), None, PeerTrust::Mtls), None);
+        for mode in [PeerTrust::Mtls, PeerTrust::Any] {
+            assert_eq!(
+                refusal(Some("kube-system"), None, mode),
+                Some(Refusal::PeerMetadataMismatch)
+            );
+            assert_eq!(
+                refusal(Some("shop"), Some("admin"), mode),
+                Some(Refusal::PeerMetadataMismatch)
+            );
+        }
+        // Under `mtls` the blob must name the proven namespace; `any` lets it leave it out.
+        assert_eq!(
+            refusal(None, None, PeerTrust::Mtls),
+            Some(Refusal::PeerMetadataMismatch)
+        );
+        assert_eq!(refusal(None, None, PeerTrust::Any), None);
+        assert_eq!(
+            refusal(Some("shop"), None, PeerTrust::None),
+            Some(Refusal::TrustNone)
+        );
+        let plain = PeerIdentity::default();
+        assert_eq!(
+            peer_metadata_refusal(Some("shop"), None, PeerTrust::Mtls, &plain, None),
+            Some(Refusal::NoMtls)
+        );
+        assert_eq!(
+            peer_metadata_refusal(Some("kube-system"), None, PeerTrust::Any, &plain, None),
+            None,
+            "without a certificate nothing is contradicted"
+        );
+        let no_spiffe = PeerIdentity {
+            mtls: true,
+            spiffe: None,
+        };
+        assert_eq!(
+            peer_metadata_refusal(Some("shop"), None, PeerTrust::Mtls, &no_spiffe, None),
+            Some(Refusal::NoSpiffeId)
+        );
+        assert_eq!(
+            peer_metadata_refusal(
+                Some("shop"),
+                None,
+                PeerTrust::Mtls,
+                &identity,
+                Some("other.domain")
+            ),
+            Some(Refusal::TrustDomain)
+        );
     }
 
     #[test]

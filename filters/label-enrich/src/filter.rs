@@ -192,13 +192,6 @@ impl LabelEnrich {
         }
     }
 
-    fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
-        host::header_value(map, name).unwrap_or_else(|_| {
-            self.count(Problem::HostCall, 1);
-            None
-        })
-    }
-
     /// Replaces every value of a header by one value (`None`: removes it).
     fn write_header(&self, map: MapType, name: &str, value: Option<&[u8]>, existing_values: usize) {
         if existing_values > 1 && value.is_some() {
@@ -210,10 +203,10 @@ impl LabelEnrich {
         }
     }
 
-    /// The request's header map, to read every `baggage` value from (empty when the host
-    /// refuses or the encoding is inconsistent: counted, and the request goes on).
-    fn request_headers(&self) -> host::HeaderMap {
-        host::header_map(MapType::HttpRequestHeaders).unwrap_or_else(|_| {
+    /// A header map, to read every value of a header from (empty when the host refuses or the
+    /// encoding is inconsistent: counted, and the request goes on).
+    fn headers(&self, map: MapType) -> host::HeaderMap {
+        host::header_map(map).unwrap_or_else(|_| {
             self.count(Problem::HostCall, 1);
             host::HeaderMap::default()
         })
@@ -228,7 +221,7 @@ impl LabelEnrich {
 
     fn outbound_request(&self, exchange: &mut Exchange) {
         let own = self.own.get();
-        let headers = self.request_headers();
+        let headers = self.headers(MapType::HttpRequestHeaders);
         let values = self.baggage(&headers);
         if !own.wire.is_empty() || eastwest_common::baggage::has_label_members(&values) {
             let rebuilt = eastwest_common::baggage::replace_label_members(&values, &own.wire);
@@ -244,13 +237,14 @@ impl LabelEnrich {
     }
 
     fn inbound_request(&self, exchange: &mut Exchange) {
-        let peer_metadata = self.header(MapType::HttpRequestHeaders, ISTIO_PEER_METADATA_HEADER);
         let identity = host::downstream_identity_raw(self.resolver.settings.peer_trust);
-        let headers = self.request_headers();
+        let headers = self.headers(MapType::HttpRequestHeaders);
         let values = self.baggage(&headers);
-        let resolution = self
-            .resolver
-            .inbound(&values, peer_metadata.as_deref(), &identity);
+        // Every value: a second one would otherwise go on uninspected.
+        let peer_metadata = headers
+            .values(ISTIO_PEER_METADATA_HEADER)
+            .unwrap_or_default();
+        let resolution = self.resolver.inbound(&values, &peer_metadata, &identity);
         let decision = &resolution.decision;
         self.count_problems(&decision.problems, "caller input");
         self.count_refusal(Peer::Source, decision.refused);
@@ -283,12 +277,15 @@ impl LabelEnrich {
     }
 
     fn outbound_response(&self, exchange: &mut Exchange) {
-        let peer_header = self.header(MapType::HttpResponseHeaders, PEER_HEADER);
-        if peer_header.is_some() {
+        // Every value, so that a second one is seen (and refused) rather than passed over.
+        let headers = self.headers(MapType::HttpResponseHeaders);
+        let peer_header = headers.values(PEER_HEADER).unwrap_or_default();
+        if !peer_header.is_empty() {
+            // Removes every value.
             self.write_header(MapType::HttpResponseHeaders, PEER_HEADER, None, 1);
         }
         let identity = host::upstream_identity_raw();
-        let resolution = self.resolver.outbound(peer_header.as_deref(), &identity);
+        let resolution = self.resolver.outbound(&peer_header, &identity);
         self.count_problems(&resolution.outcome.problems, "destination input");
         self.count_refusal(Peer::Destination, resolution.outcome.refused);
         self.set_state(DESTINATION_STATE_KEY, &resolution.destination.state);

@@ -84,6 +84,21 @@ pub struct Config {
     pub max_baggage_bytes: Option<usize>,
 }
 
+/// The budget that budgets beyond `max_budgets` share, and the value of its subject tag
+/// (`destination_service`, or `source_service` in `server` mode), as telemetry's overflow series.
+pub const OVERFLOW: &str = "overflow";
+
+/// Where a subject's budget comes from ([`Settings::assign`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Assignment {
+    /// A destination named in the configuration: its own budget, not counted.
+    Configured,
+    /// Its own budget, counted against `max_budgets`.
+    Counted,
+    /// The shared overflow budget.
+    Overflow,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -164,6 +179,12 @@ impl Settings {
                     "a destination service name must not be empty",
                 ));
             }
+            if name == OVERFLOW {
+                return Err(ConfigError::new(
+                    "destinations.overflow",
+                    "`overflow` names the budget that destinations beyond max_budgets share",
+                ));
+            }
             let (_, params) = budget_params(&format!("destinations.{name}"), budget, top)?;
             destinations.insert(name.clone(), params);
         }
@@ -181,6 +202,31 @@ impl Settings {
             max_budgets,
             labels,
         })
+    }
+
+    /// Which budget a subject without one yet draws on, when `counted` budgets that count
+    /// against `max_budgets` exist. A destination named in `destinations` (client modes) always
+    /// gets its own, with its own parameters, and does not count: neither a flood of other
+    /// destinations nor an app-chosen `:authority` can push it into the overflow budget.
+    pub fn assign(&self, subject: &str, counted: usize) -> Assignment {
+        if self.mode != Mode::Server && self.destinations.contains_key(subject) {
+            Assignment::Configured
+        } else if counted < self.max_budgets {
+            Assignment::Counted
+        } else {
+            Assignment::Overflow
+        }
+    }
+
+    /// Budgets a VM may hold: the counted ones, the configured destinations and the overflow
+    /// budget (the bound the fuzzer checks).
+    pub fn max_budgets_per_vm(&self) -> usize {
+        let configured = if self.mode == Mode::Server {
+            0
+        } else {
+            self.destinations.len()
+        };
+        self.max_budgets + configured + 1
     }
 
     /// The budget of a destination service: its override, else the defaults.
@@ -223,6 +269,26 @@ mod tests {
     }
 
     #[test]
+    fn configured_destinations_keep_their_own_budget_beyond_max_budgets() {
+        let settings = Settings::parse(
+            br#"{"mode": "client-headers", "max_budgets": 1, "destinations": {"payments": {"ratio": 0}}}"#,
+        )
+        .unwrap();
+        assert_eq!(settings.assign("payments", 0), Assignment::Configured);
+        assert_eq!(settings.assign("payments", 5), Assignment::Configured);
+        assert_eq!(settings.assign("bravo", 0), Assignment::Counted);
+        assert_eq!(settings.assign("bravo", 1), Assignment::Overflow);
+        assert_eq!(settings.max_budgets_per_vm(), 3);
+        // In `server` mode the subject is the caller: `destinations` name this service.
+        let server = Settings::parse(
+            br#"{"mode": "server", "max_budgets": 1, "destinations": {"payments": {}}}"#,
+        )
+        .unwrap();
+        assert_eq!(server.assign("payments", 1), Assignment::Overflow);
+        assert_eq!(server.max_budgets_per_vm(), 2);
+    }
+
+    #[test]
     fn destinations_override_and_inherit_the_top_level() {
         let settings = Settings::parse(
             br#"{"mode": "client", "ratio": 0.1, "min_retries_per_second": 2,
@@ -256,7 +322,7 @@ mod tests {
 
     #[test]
     fn invalid_configuration_names_the_field() {
-        let cases: [(&[u8], &str); 10] = [
+        let cases: [(&[u8], &str); 11] = [
             (br#"{"mode": "clients"}"#, "mode"),
             (br#"{"ratio": -0.1}"#, "ratio"),
             (br#"{"ratio": "20%"}"#, "ratio"),
@@ -275,6 +341,10 @@ mod tests {
             ),
             (br#"{"destinations": {"": {}}}"#, "destinations"),
             (br#"{"max_budgets": 0}"#, "max_budgets"),
+            (
+                br#"{"destinations": {"overflow": {}}}"#,
+                "destinations.overflow",
+            ),
             (br#"{"budget_percent": 20}"#, "budget_percent"),
         ];
         for (input, path) in cases {

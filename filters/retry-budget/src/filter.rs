@@ -16,7 +16,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
 
-use crate::config::{Mode, Settings};
+use crate::config::{Assignment, Mode, Settings, OVERFLOW};
 use crate::ledger::{self, Decision, SharedStore, StoreError, Trouble};
 use eastwest_common::cluster::{self, Destination};
 
@@ -28,8 +28,6 @@ use crate::request::{
 use crate::window::{Params, Window};
 
 pub const FILTER: &str = "retry-budget";
-/// The budget that budgets beyond `max_budgets` share.
-const OVERFLOW: &str = "overflow";
 
 // The one-module sidecar links this crate as a library and registers its own root context.
 #[cfg(not(feature = "embedded"))]
@@ -127,6 +125,9 @@ pub struct RetryBudget {
     budgets: RefCell<Vec<Budget>>,
     /// Budget index by subject (destination service, or calling service in `server` mode).
     subjects: RefCell<rustc_hash::FxHashMap<String, usize>>,
+    /// Budgets that count against `max_budgets` (not the configured destinations' nor the
+    /// overflow budget).
+    counted: std::cell::Cell<usize>,
     /// Budget index by the raw input it came from (cluster name; authority or caller), so that
     /// a repeated destination is not parsed again.
     by_cluster: RefCell<Memo<usize>>,
@@ -150,13 +151,16 @@ impl RetryBudget {
             .collect();
         let period = settings.publish_period_millis() as u32;
         let mut subjects = rustc_hash::FxHashMap::default();
-        // Sized up front (the overflow budget too) so that no request pays for growing it.
-        subjects.reserve(settings.max_budgets + 1);
+        // Sized up front (configured destinations and the overflow budget too) so that no
+        // request pays for growing it.
+        let capacity = settings.max_budgets_per_vm();
+        subjects.reserve(capacity);
         let feature = RetryBudget {
             own: host::OwnLabelsCell::new(&settings.labels),
             resolver: Resolver::new(settings.labels.clone()),
-            budgets: RefCell::new(Vec::with_capacity(settings.max_budgets + 1)),
+            budgets: RefCell::new(Vec::with_capacity(capacity)),
             subjects: RefCell::new(subjects),
+            counted: std::cell::Cell::new(0),
             by_cluster: RefCell::new(Memo::new(eastwest_common::memo::DEFAULT_CAPACITY)),
             by_other: RefCell::new(Memo::new(eastwest_common::memo::DEFAULT_CAPACITY)),
             settings,
@@ -179,20 +183,36 @@ impl RetryBudget {
     }
 
     /// The budget for `subject` (a destination service, or a calling service in `server`
-    /// mode), created (with its metrics) on first use; beyond `max_budgets`, the overflow one.
+    /// mode), created (with its metrics) on first use; beyond `max_budgets`, the overflow one
+    /// (configured destinations always get their own: [`Settings::assign`]).
     fn budget_index(&self, subject: &str, destination: &Destination) -> usize {
         let mut subjects = self.subjects.borrow_mut();
         if let Some(index) = subjects.get(subject) {
             return *index;
         }
-        let subject = if subjects.len() < self.settings.max_budgets {
-            subject
-        } else {
-            OVERFLOW
+        let subject = match self.settings.assign(subject, self.counted.get()) {
+            Assignment::Configured => subject,
+            Assignment::Counted => {
+                self.counted.set(self.counted.get() + 1);
+                subject
+            }
+            Assignment::Overflow => OVERFLOW,
         };
         if let Some(index) = subjects.get(subject) {
             return *index;
         }
+        // The overflow budget of the client modes is no destination's: it is labelled
+        // `overflow`, as telemetry's overflow series are.
+        let overflow_destination;
+        let destination = if subject == OVERFLOW && self.settings.mode != Mode::Server {
+            overflow_destination = Destination {
+                service: OVERFLOW.to_string(),
+                namespace: OVERFLOW.to_string(),
+            };
+            &overflow_destination
+        } else {
+            destination
+        };
         let mut budgets = self.budgets.borrow_mut();
         budgets.push(self.new_budget(subject, destination));
         subjects.insert(subject.to_string(), budgets.len() - 1);

@@ -14,9 +14,7 @@ use eastwest_common::labels::{Label, Labels};
 use eastwest_common::metric_name::tagged_name;
 use eastwest_common::party::Party;
 use eastwest_common::properties::Direction;
-use eastwest_common::resolve::{
-    Problem, Problems, DESTINATION_STATE_KEY, PEER_HEADER, SOURCE_STATE_KEY,
-};
+use eastwest_common::resolve::{Problem, Problems, DESTINATION_STATE_KEY, SOURCE_STATE_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel, MapType, MetricType};
@@ -333,12 +331,7 @@ impl Telemetry {
                     .clone()
                     .or_else(|| state(DESTINATION_STATE_KEY))
                     .unwrap_or_else(|| {
-                        let header = host::header_value(MapType::HttpResponseHeaders, PEER_HEADER)
-                            .ok()
-                            .flatten();
-                        let resolution = self
-                            .resolver
-                            .outbound(header.as_deref(), &host::upstream_identity_raw());
+                        let resolution = self.resolver.outbound_from_response();
                         self.count_problems(&resolution.outcome.problems);
                         resolution.destination.clone()
                     });

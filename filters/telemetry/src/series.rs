@@ -19,8 +19,9 @@ pub enum Series {
     Unavailable,
 }
 
-/// Overflow series a table may hold besides the regular ones (one per metric is enough).
-const OVERFLOW_SERIES_PER_TABLE: usize = 8;
+/// Overflow series a table may hold besides the regular ones: one per metric and reporter
+/// (five metrics, two reporters), with room to spare.
+pub const OVERFLOW_SERIES_PER_TABLE: usize = 16;
 
 /// The series of one VM.
 pub struct SeriesTable {
@@ -83,14 +84,26 @@ impl SeriesTable {
         }
     }
 
+    /// The overflow series of `name` for this request's reporter: one plugin instance may serve
+    /// both directions, and each direction's overflow must land under its own reporter.
     fn overflow(
         &mut self,
         name: &str,
         tags: &[(&str, &str)],
         mut define: impl FnMut(&str) -> Option<u32>,
     ) -> Series {
-        let key = overflow_key(name);
-        if let Some(id) = self.ids.get(&key) {
+        let reporter = tags
+            .iter()
+            .find(|(tag, _)| *tag == "reporter")
+            .map_or("", |(_, value)| *value);
+        // Keys of overflow series start with a byte no tag value holds; built in the reused
+        // buffer, so that an overflowing request allocates nothing.
+        self.key.clear();
+        self.key.push('\u{1}');
+        self.key.push_str(name);
+        self.key.push('\0');
+        self.key.push_str(reporter);
+        if let Some(id) = self.ids.get(self.key.as_str()) {
             return Series::Overflow(*id);
         }
         let folded: Vec<(&str, &str)> = tags
@@ -99,17 +112,12 @@ impl SeriesTable {
             .collect();
         match define(&tagged_name(&folded, name)) {
             Some(id) => {
-                self.ids.insert(key, id);
+                self.ids.insert(self.key.clone(), id);
                 Series::Overflow(id)
             }
             None => Series::Unavailable,
         }
     }
-}
-
-/// Keys of overflow series start with a byte no tag value holds.
-fn overflow_key(name: &str) -> String {
-    format!("\u{1}{name}")
 }
 
 #[cfg(test)]
@@ -169,6 +177,53 @@ mod tests {
         assert_eq!(
             names,
             vec!["reporter=.=source;.;source_service=.=overflow;.;m"]
+        );
+    }
+
+    #[test]
+    fn each_reporter_has_its_own_overflow_series() {
+        let mut table = SeriesTable::new(1);
+        let mut names = Vec::new();
+        let mut define = |name: &str| {
+            names.push(name.to_string());
+            Some(names.len() as u32)
+        };
+        let lookup = |table: &mut SeriesTable,
+                      reporter,
+                      service,
+                      define: &mut dyn FnMut(&str) -> Option<u32>| {
+            table.lookup(
+                "m",
+                &[("reporter", reporter), ("source_service", service)],
+                define,
+            )
+        };
+        assert_eq!(
+            lookup(&mut table, "source", "a", &mut define),
+            Series::Known(1)
+        );
+        assert_eq!(
+            lookup(&mut table, "source", "b", &mut define),
+            Series::Overflow(2)
+        );
+        assert_eq!(
+            lookup(&mut table, "destination", "c", &mut define),
+            Series::Overflow(3)
+        );
+        assert_eq!(
+            lookup(&mut table, "destination", "d", &mut define),
+            Series::Overflow(3)
+        );
+        assert_eq!(
+            lookup(&mut table, "source", "e", &mut define),
+            Series::Overflow(2)
+        );
+        assert_eq!(
+            names[1..],
+            [
+                "reporter=.=source;.;source_service=.=overflow;.;m",
+                "reporter=.=destination;.;source_service=.=overflow;.;m"
+            ]
         );
     }
 
