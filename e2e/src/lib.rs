@@ -36,6 +36,7 @@ mod paths;
 pub mod process;
 pub mod prometheus;
 pub mod retry_storm;
+pub mod soak;
 pub mod wat_modules;
 
 pub use app::TestApp;

@@ -106,6 +106,11 @@ const E2E_TESTS: Step = Step {
     what: "cargo test -p eastwest-e2e against real Envoy",
     run: e2e_tests,
 };
+const SOAK: Step = Step {
+    name: "soak",
+    what: "cargo xtask soak --duration 2m: the demo mesh under load with outages",
+    run: soak,
+};
 
 pub fn test(ws: &Workspace, selection: Selection) -> Result<()> {
     let steps: &[Step] = match selection {
@@ -116,9 +121,10 @@ pub fn test(ws: &Workspace, selection: Selection) -> Result<()> {
             UNIT_TESTS,
             WASM_UNIT_TESTS,
             E2E_TESTS,
+            SOAK,
         ],
         Selection::SkipE2e => &[FORMAT, LINT, WASM_BUILD, UNIT_TESTS, WASM_UNIT_TESTS],
-        Selection::OnlyE2e => &[WASM_BUILD, E2E_TESTS],
+        Selection::OnlyE2e => &[WASM_BUILD, E2E_TESTS, SOAK],
     };
     let mut results: Vec<(&Step, Result<Outcome>, Duration)> = Vec::new();
     for (index, step) in steps.iter().enumerate() {
@@ -305,6 +311,11 @@ fn e2e_tests(ws: &Workspace) -> Result<Outcome> {
         .env("EASTWEST_HARNESS_CACHE", harness_cache(ws))
         .current_dir(&ws.root)
         .run()?;
+    Ok(Outcome::Passed)
+}
+
+fn soak(ws: &Workspace) -> Result<Outcome> {
+    crate::soak::short_soak(ws)?;
     Ok(Outcome::Passed)
 }
 

@@ -143,9 +143,16 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Starts the four services, then their sidecars (concurrently), with certificates and
-    /// logs under `out_dir` (`certs/`, `logs/`).
+    /// Starts the four services, then their sidecars (concurrently, one worker each), with
+    /// certificates and logs under `out_dir` (`certs/`, `logs/`).
     pub fn start(service_binary: &Path, out_dir: &Path) -> Result<Mesh> {
+        // One worker each: four sidecars, four services and the driver share the machine.
+        Mesh::start_with_workers(service_binary, out_dir, 1)
+    }
+
+    /// As [`Mesh::start`], with `workers` Envoy worker threads per sidecar (`--concurrency`;
+    /// the soak runs two, so the retry budgets are shared across workers as in production).
+    pub fn start_with_workers(service_binary: &Path, out_dir: &Path, workers: u32) -> Result<Mesh> {
         let filters = Filters::from_dist()?;
         let log_dir = out_dir.join("logs");
         let cert_dir = out_dir.join("certs");
@@ -201,8 +208,7 @@ impl Mesh {
             certs.push(cert);
         }
         let options = EnvoyOptions {
-            // One worker each: four sidecars, four services and the driver share the machine.
-            concurrency: 1,
+            concurrency: workers,
             log_level: "warning".into(),
             startup_timeout: ENVOY_STARTUP,
             ..EnvoyOptions::default()

@@ -234,7 +234,7 @@ fn print_mesh(mesh: &Mesh, took: Duration) {
 
 /// One request through the whole mesh, retried until it answers 200 (the sidecars are ready
 /// before their first request, but a fresh connection pool can be slow on a busy machine).
-fn check_mesh(mesh: &Mesh) -> Result<()> {
+pub fn check_mesh(mesh: &Mesh) -> Result<()> {
     let entry = mesh.service(topology::ENTRY).context("no entry service")?;
     let url = format!("http://127.0.0.1:{}/", entry.ports.app);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -266,7 +266,8 @@ fn check_mesh(mesh: &Mesh) -> Result<()> {
     }
 }
 
-fn set_outage(mesh: &Mesh, on: bool) -> Result<()> {
+/// Starts (`on`) or ends the outage of [`topology::OUTAGE_SERVICE`].
+pub fn set_outage(mesh: &Mesh, on: bool) -> Result<()> {
     let service = mesh
         .service(topology::OUTAGE_SERVICE)
         .context("no outage service")?;
