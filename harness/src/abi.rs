@@ -38,6 +38,8 @@ pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_REQUEST_TRAILERS: u32 = 1;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const MAP_RESPONSE_TRAILERS: u32 = 3;
+pub const MAP_GRPC_RECEIVE_INITIAL_METADATA: u32 = 4;
+pub const MAP_GRPC_RECEIVE_TRAILING_METADATA: u32 = 5;
 pub const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const MAP_HTTP_CALL_RESPONSE_TRAILERS: u32 = 7;
 pub const MAP_MAX: u32 = 7;
@@ -46,6 +48,7 @@ pub const MAP_MAX: u32 = 7;
 pub const BUFFER_REQUEST_BODY: u32 = 0;
 pub const BUFFER_RESPONSE_BODY: u32 = 1;
 pub const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
+pub const BUFFER_GRPC_RECEIVE: u32 = 5;
 pub const BUFFER_VM_CONFIGURATION: u32 = 6;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 pub const BUFFER_CALL_DATA: u32 = 8;
@@ -55,3 +58,7 @@ pub const BUFFER_MAX: u32 = 8;
 pub const METRIC_COUNTER: u32 = 0;
 pub const METRIC_GAUGE: u32 = 1;
 pub const METRIC_HISTOGRAM: u32 = 2;
+
+/// gRPC status codes the host itself produces.
+pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+pub const GRPC_UNAVAILABLE: u32 = 14;

@@ -18,8 +18,12 @@ pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 pub struct LogEntry {
     pub level: String,
     pub message: String,
+    /// The thread of the VM that wrote it (workers `0..n`, the main thread `n`).
     #[serde(skip)]
     pub worker: usize,
+    /// The plugin (its index in a filter chain) whose VM wrote it.
+    #[serde(skip)]
+    pub plugin: usize,
     #[serde(skip)]
     pub context_id: u32,
 }
@@ -55,22 +59,68 @@ impl Default for Value {
     }
 }
 
-/// What the host keeps for one HTTP stream context.
+/// What every filter of one HTTP stream shares: Envoy keeps one header map per direction and one
+/// filter state per stream, whichever filter of the chain reads or writes them.
 #[derive(Default)]
-pub struct StreamData {
+pub struct StreamMaps {
     pub request_headers: Pairs,
-    pub request_body: Vec<u8>,
     pub request_trailers: Pairs,
     pub response_headers: Pairs,
-    pub response_body: Vec<u8>,
     pub response_trailers: Pairs,
+    pub filter_state: BTreeMap<String, Vec<u8>>,
+    pub properties: Value,
+}
+
+/// What the host keeps for one filter's HTTP stream context.
+#[derive(Default)]
+pub struct StreamData {
+    pub maps: Rc<RefCell<StreamMaps>>,
+    /// The body this filter sees: the current chunk, or what it buffered so far.
+    pub request_body: Vec<u8>,
+    pub response_body: Vec<u8>,
     /// Which maps and buffers Envoy exposes right now (during the callback, or while paused).
     pub request_open: bool,
     pub response_open: bool,
     /// During `on_log`: read-only access to the final headers.
     pub access_log: bool,
-    pub filter_state: BTreeMap<String, Vec<u8>>,
-    pub properties: Value,
+}
+
+/// A gRPC call or stream the filter opened during the last callback.
+#[derive(Clone, Debug)]
+pub struct NewGrpcCall {
+    pub token: u32,
+    pub cluster: String,
+    pub service: String,
+    pub method: String,
+    pub initial_metadata: Pairs,
+    /// The request message of a call; streams send theirs with `proxy_grpc_send`.
+    pub message: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+    pub origin_context: u32,
+}
+
+/// What the filter did to an open gRPC stream or call during the last callback.
+#[derive(Clone, Debug)]
+pub enum GrpcAction {
+    Send {
+        token: u32,
+        message: Vec<u8>,
+        end_stream: bool,
+    },
+    Close {
+        token: u32,
+    },
+    Cancel {
+        token: u32,
+    },
+}
+
+/// What a gRPC callback may read (Envoy's receive buffer and metadata maps).
+#[derive(Default)]
+pub struct GrpcReceive {
+    pub initial_metadata: Option<Pairs>,
+    pub trailing_metadata: Option<Pairs>,
+    pub message: Option<Vec<u8>>,
 }
 
 /// An HTTP call the filter dispatched during the last callback.
@@ -103,6 +153,8 @@ pub enum Deferred {
         body: Vec<u8>,
         headers: Pairs,
         details: String,
+        /// The filter's gRPC status; `None` for the SDKs' -1 (unset).
+        grpc_status: Option<u32>,
     },
 }
 
@@ -115,6 +167,7 @@ pub struct HttpCallResponse {
 pub struct VmState {
     pub shared: Rc<RefCell<Shared>>,
     pub worker: usize,
+    pub plugin: usize,
     pub vm_id: String,
     pub root_id: String,
     pub plugin_name: String,
@@ -135,6 +188,13 @@ pub struct VmState {
     pub new_http_calls: Vec<NewHttpCall>,
     pub next_http_token: u32,
     pub http_call_response: Option<HttpCallResponse>,
+    pub new_grpc_calls: Vec<NewGrpcCall>,
+    pub grpc_actions: Vec<GrpcAction>,
+    /// Open gRPC calls (odd tokens) and streams (even tokens), as Envoy's root context numbers them.
+    pub grpc_calls: std::collections::HashSet<u32>,
+    pub grpc_streams: std::collections::HashSet<u32>,
+    pub next_grpc_token: u32,
+    pub grpc_receive: GrpcReceive,
     pub deferred: Vec<Deferred>,
     pub stop_iteration: bool,
     pub status: (u32, Vec<u8>),
@@ -150,6 +210,7 @@ impl VmState {
         VmState {
             shared,
             worker,
+            plugin: 0,
             vm_id: String::new(),
             root_id: String::new(),
             plugin_name: String::new(),
@@ -170,6 +231,12 @@ impl VmState {
             new_http_calls: Vec::new(),
             next_http_token: 1,
             http_call_response: None,
+            new_grpc_calls: Vec::new(),
+            grpc_actions: Vec::new(),
+            grpc_calls: Default::default(),
+            grpc_streams: Default::default(),
+            next_grpc_token: 1,
+            grpc_receive: GrpcReceive::default(),
             deferred: Vec::new(),
             stop_iteration: false,
             status: (0, Vec::new()),
@@ -199,39 +266,47 @@ impl VmState {
 
     /// A header map for reading (Envoy's `getConstMap`).
     fn const_map(&mut self, map: u32) -> Option<Pairs> {
-        if map == MAP_HTTP_CALL_RESPONSE_HEADERS {
-            return self.http_call_response.as_ref().map(|r| r.headers.clone());
-        }
-        if map == MAP_HTTP_CALL_RESPONSE_TRAILERS {
-            return self.http_call_response.as_ref().map(|r| r.trailers.clone());
+        match map {
+            MAP_HTTP_CALL_RESPONSE_HEADERS => {
+                return self.http_call_response.as_ref().map(|r| r.headers.clone())
+            }
+            MAP_HTTP_CALL_RESPONSE_TRAILERS => {
+                return self.http_call_response.as_ref().map(|r| r.trailers.clone())
+            }
+            MAP_GRPC_RECEIVE_INITIAL_METADATA => return self.grpc_receive.initial_metadata.clone(),
+            MAP_GRPC_RECEIVE_TRAILING_METADATA => {
+                return self.grpc_receive.trailing_metadata.clone()
+            }
+            _ => {}
         }
         let stream = self.stream()?;
         let log = stream.access_log;
+        let maps = stream.maps.borrow();
         match map {
-            MAP_REQUEST_HEADERS if stream.request_open || log => {
-                Some(stream.request_headers.clone())
-            }
-            MAP_REQUEST_TRAILERS if stream.request_open => Some(stream.request_trailers.clone()),
+            MAP_REQUEST_HEADERS if stream.request_open || log => Some(maps.request_headers.clone()),
+            MAP_REQUEST_TRAILERS if stream.request_open => Some(maps.request_trailers.clone()),
             MAP_RESPONSE_HEADERS if stream.response_open || log => {
-                Some(stream.response_headers.clone())
+                Some(maps.response_headers.clone())
             }
             MAP_RESPONSE_TRAILERS if stream.response_open || log => {
-                Some(stream.response_trailers.clone())
+                Some(maps.response_trailers.clone())
             }
             _ => None,
         }
     }
 
-    /// A header map for writing (Envoy's `getMap`): only the stream's own, while open.
-    fn mut_map(&mut self, map: u32) -> Option<&mut Pairs> {
+    /// Changes a header map (Envoy's `getMap`): only the stream's own, while open.
+    fn with_map_mut<R>(&mut self, map: u32, change: impl FnOnce(&mut Pairs) -> R) -> Option<R> {
         let stream = self.stream()?;
-        match map {
-            MAP_REQUEST_HEADERS if stream.request_open => Some(&mut stream.request_headers),
-            MAP_REQUEST_TRAILERS if stream.request_open => Some(&mut stream.request_trailers),
-            MAP_RESPONSE_HEADERS if stream.response_open => Some(&mut stream.response_headers),
-            MAP_RESPONSE_TRAILERS if stream.response_open => Some(&mut stream.response_trailers),
-            _ => None,
-        }
+        let mut maps = stream.maps.borrow_mut();
+        let target = match map {
+            MAP_REQUEST_HEADERS if stream.request_open => &mut maps.request_headers,
+            MAP_REQUEST_TRAILERS if stream.request_open => &mut maps.request_trailers,
+            MAP_RESPONSE_HEADERS if stream.response_open => &mut maps.response_headers,
+            MAP_RESPONSE_TRAILERS if stream.response_open => &mut maps.response_trailers,
+            _ => return None,
+        };
+        Some(change(target))
     }
 
     pub fn log(&mut self, level: u32, message: String) {
@@ -244,6 +319,7 @@ impl VmState {
             level: LOG_LEVEL_NAMES[level as usize].to_string(),
             message,
             worker: self.worker,
+            plugin: self.plugin,
             context_id,
         });
     }
@@ -526,12 +602,15 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
             let map = map_type(map)?;
             let data = read(&caller, ptr, size)?;
             let pairs = headers::decode(&data);
-            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
-            target.clear();
-            for (key, value) in pairs {
-                headers::add(target, &key, &value);
-            }
-            Ok(())
+            caller
+                .data_mut()
+                .with_map_mut(map, |target| {
+                    target.clear();
+                    for (key, value) in pairs {
+                        headers::add(target, &key, &value);
+                    }
+                })
+                .ok_or(Status::BadArgument)
         }
     );
     wrap!(
@@ -555,9 +634,10 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
             let map = map_type(map)?;
             let key = read(&caller, key_ptr, key_size)?;
             let value = read(&caller, value_ptr, value_size)?;
-            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
-            headers::add(target, &key, &value);
-            Ok(())
+            caller
+                .data_mut()
+                .with_map_mut(map, |target| headers::add(target, &key, &value))
+                .ok_or(Status::BadArgument)
         }
     );
     wrap!(
@@ -567,9 +647,10 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
             let map = map_type(map)?;
             let key = read(&caller, key_ptr, key_size)?;
             let value = read(&caller, value_ptr, value_size)?;
-            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
-            headers::replace(target, &key, &value);
-            Ok(())
+            caller
+                .data_mut()
+                .with_map_mut(map, |target| headers::replace(target, &key, &value))
+                .ok_or(Status::BadArgument)
         }
     );
     wrap!(
@@ -578,9 +659,10 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         |caller, map: i32, key_ptr: i32, key_size: i32| {
             let map = map_type(map)?;
             let key = read(&caller, key_ptr, key_size)?;
-            let target = caller.data_mut().mut_map(map).ok_or(Status::BadArgument)?;
-            headers::remove(target, &key);
-            Ok(())
+            caller
+                .data_mut()
+                .with_map_mut(map, |target| headers::remove(target, &key))
+                .ok_or(Status::BadArgument)
         }
     );
     wrap!(
@@ -590,9 +672,8 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
             let map = map_type(map)?;
             let pairs = caller
                 .data_mut()
-                .mut_map(map)
-                .ok_or(Status::BadArgument)?
-                .clone();
+                .with_map_mut(map, |target| target.clone())
+                .ok_or(Status::BadArgument)?;
             // Envoy reports the map's byte size.
             let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
             write_u32(&mut caller, ptr, size as u32)
@@ -615,7 +696,7 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
             let value = read(&caller, value_ptr, value_size)?;
             let stream = caller.data_mut().stream().ok_or(Status::NotFound)?;
             let key = format!("wasm.{}", String::from_utf8_lossy(&path));
-            stream.filter_state.insert(key, value);
+            stream.maps.borrow_mut().filter_state.insert(key, value);
             Ok(())
         }
     );
@@ -779,7 +860,7 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
          body_size: i32,
          headers_ptr: i32,
          headers_size: i32,
-         _grpc: i32| {
+         grpc: i32| {
             let details = read(&caller, details_ptr, details_size)?;
             let body = read(&caller, body_ptr, body_size)?;
             let headers = headers::decode(&read(&caller, headers_ptr, headers_size)?);
@@ -792,6 +873,7 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
                     body,
                     headers,
                     details: String::from_utf8_lossy(&details).into_owned(),
+                    grpc_status: (grpc >= 0).then_some(grpc as u32),
                 });
             }
             state.stop_iteration = true;
@@ -849,55 +931,122 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
         linker,
         "proxy_grpc_call",
         |caller,
-         _a: i32,
-         _b: i32,
-         _c: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _j: i32,
-         _timeout: i32,
-         _token: i32| {
-            caller.data_mut().log(
-                3,
-                "eastwest-harness: gRPC calls are not supported by the harness".into(),
-            );
-            Err(Status::InternalFailure)
+         service_ptr: i32,
+         service_size: i32,
+         service_name_ptr: i32,
+         service_name_size: i32,
+         method_ptr: i32,
+         method_size: i32,
+         metadata_ptr: i32,
+         metadata_size: i32,
+         request_ptr: i32,
+         request_size: i32,
+         timeout: i32,
+         token_ptr: i32| {
+            let service = read(&caller, service_ptr, service_size)?;
+            let service_name = read(&caller, service_name_ptr, service_name_size)?;
+            let method = read(&caller, method_ptr, method_size)?;
+            let metadata = headers::decode(&read(&caller, metadata_ptr, metadata_size)?);
+            let request = read(&caller, request_ptr, request_size)?;
+            let cluster = grpc_cluster(caller.data(), &service)?;
+            let state = caller.data_mut();
+            let token = next_grpc_token(state, true);
+            state.grpc_calls.insert(token);
+            let origin_context = state.context();
+            state.new_grpc_calls.push(NewGrpcCall {
+                token,
+                cluster,
+                service: String::from_utf8_lossy(&service_name).into_owned(),
+                method: String::from_utf8_lossy(&method).into_owned(),
+                initial_metadata: metadata,
+                message: Some(request),
+                timeout_ms: timeout as u32 as u64,
+                origin_context,
+            });
+            write_u32(&mut caller, token_ptr, token)
         }
     );
     wrap!(
         linker,
         "proxy_grpc_stream",
         |caller,
-         _a: i32,
-         _b: i32,
-         _c: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _token: i32| {
-            caller.data_mut().log(
-                3,
-                "eastwest-harness: gRPC streams are not supported by the harness".into(),
-            );
-            Err(Status::InternalFailure)
+         service_ptr: i32,
+         service_size: i32,
+         service_name_ptr: i32,
+         service_name_size: i32,
+         method_ptr: i32,
+         method_size: i32,
+         metadata_ptr: i32,
+         metadata_size: i32,
+         token_ptr: i32| {
+            let service = read(&caller, service_ptr, service_size)?;
+            let service_name = read(&caller, service_name_ptr, service_name_size)?;
+            let method = read(&caller, method_ptr, method_size)?;
+            let metadata = headers::decode(&read(&caller, metadata_ptr, metadata_size)?);
+            let cluster = grpc_cluster(caller.data(), &service)?;
+            let state = caller.data_mut();
+            let token = next_grpc_token(state, false);
+            state.grpc_streams.insert(token);
+            let origin_context = state.context();
+            state.new_grpc_calls.push(NewGrpcCall {
+                token,
+                cluster,
+                service: String::from_utf8_lossy(&service_name).into_owned(),
+                method: String::from_utf8_lossy(&method).into_owned(),
+                initial_metadata: metadata,
+                message: None,
+                timeout_ms: 0,
+                origin_context,
+            });
+            write_u32(&mut caller, token_ptr, token)
         }
     );
     wrap!(
         linker,
         "proxy_grpc_send",
-        |_caller, _token: i32, _ptr: i32, _size: i32, _end: i32| { Err(Status::NotFound) }
+        |caller, token: i32, ptr: i32, size: i32, end: i32| {
+            let message = read(&caller, ptr, size)?;
+            let state = caller.data_mut();
+            let token = token as u32;
+            if token % 2 == 1 {
+                return Err(Status::BadArgument);
+            }
+            if !state.grpc_streams.contains(&token) {
+                return Err(Status::NotFound);
+            }
+            state.grpc_actions.push(GrpcAction::Send {
+                token,
+                message,
+                end_stream: end != 0,
+            });
+            Ok(())
+        }
     );
-    wrap!(linker, "proxy_grpc_cancel", |_caller, _token: i32| {
-        Err(Status::NotFound)
+    wrap!(linker, "proxy_grpc_cancel", |caller, token: i32| {
+        let state = caller.data_mut();
+        let token = token as u32;
+        if !state.grpc_calls.remove(&token) && !state.grpc_streams.remove(&token) {
+            return Err(Status::NotFound);
+        }
+        state.grpc_actions.push(GrpcAction::Cancel { token });
+        Ok(())
     });
-    wrap!(linker, "proxy_grpc_close", |_caller, _token: i32| {
-        Err(Status::NotFound)
+    wrap!(linker, "proxy_grpc_close", |caller, token: i32| {
+        let state = caller.data_mut();
+        let token = token as u32;
+        if token % 2 == 1 {
+            if !state.grpc_calls.remove(&token) {
+                return Err(Status::NotFound);
+            }
+            // Closing a call cancels it (Envoy's `grpcClose`).
+            state.grpc_actions.push(GrpcAction::Cancel { token });
+        } else {
+            if !state.grpc_streams.contains(&token) {
+                return Err(Status::NotFound);
+            }
+            state.grpc_actions.push(GrpcAction::Close { token });
+        }
+        Ok(())
     });
     wrap!(
         linker,
@@ -1073,6 +1222,86 @@ fn continue_stream(state: &mut VmState, kind: u32) -> Result<(), Status> {
     }
 }
 
+/// The cluster a gRPC call goes to: `service` is a serialized `envoy.config.core.v3.GrpcService`
+/// (its `envoy_grpc.cluster_name`), or, when it does not parse as one, a cluster name, which must
+/// be known (else ParseFailure), as Envoy's `grpcCall` reads it.
+fn grpc_cluster(state: &VmState, service: &[u8]) -> Result<String, Status> {
+    if let Some(cluster) = grpc_service_cluster(service) {
+        return Ok(cluster);
+    }
+    let name = String::from_utf8_lossy(service).into_owned();
+    if state.shared.borrow().clusters.contains(&name) {
+        Ok(name)
+    } else {
+        Err(Status::ParseFailure)
+    }
+}
+
+/// `envoy_grpc.cluster_name` of a serialized GrpcService; `None` if the bytes are not a valid
+/// protobuf message. A valid message without it names no cluster (the call then fails).
+fn grpc_service_cluster(bytes: &[u8]) -> Option<String> {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *bytes.get(*at)?;
+            *at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    /// Walks a message; returns the length-delimited field `wanted`, if any.
+    fn field(bytes: &[u8], wanted: u64) -> Option<Option<&[u8]>> {
+        let (mut at, mut found) = (0, None);
+        while at < bytes.len() {
+            let key = varint(bytes, &mut at)?;
+            if key >> 3 == 0 {
+                return None;
+            }
+            match key & 7 {
+                0 => {
+                    varint(bytes, &mut at)?;
+                }
+                1 => at = at.checked_add(8).filter(|end| *end <= bytes.len())?,
+                5 => at = at.checked_add(4).filter(|end| *end <= bytes.len())?,
+                2 => {
+                    let length = usize::try_from(varint(bytes, &mut at)?).ok()?;
+                    let end = at.checked_add(length).filter(|end| *end <= bytes.len())?;
+                    if key >> 3 == wanted {
+                        found = Some(&bytes[at..end]);
+                    }
+                    at = end;
+                }
+                _ => return None,
+            }
+        }
+        Some(found)
+    }
+    let envoy_grpc = field(bytes, 1)?;
+    let cluster = match envoy_grpc {
+        Some(inner) => field(inner, 1)?.map(|name| String::from_utf8_lossy(name).into_owned()),
+        None => None,
+    };
+    Some(cluster.unwrap_or_default())
+}
+
+/// Envoy's token numbering on the root context: calls odd, streams even, never 0.
+fn next_grpc_token(state: &mut VmState, call: bool) -> u32 {
+    loop {
+        let token = state.next_grpc_token;
+        state.next_grpc_token = state.next_grpc_token.wrapping_add(1);
+        let odd = token % 2 == 1;
+        if token == 0 || odd != call {
+            continue;
+        }
+        if !state.grpc_calls.contains(&token) && !state.grpc_streams.contains(&token) {
+            return token;
+        }
+    }
+}
+
 fn buffer(state: &mut VmState, kind: u32) -> Result<Vec<u8>, Status> {
     if kind > BUFFER_MAX {
         return Err(Status::BadArgument);
@@ -1093,6 +1322,7 @@ fn buffer(state: &mut VmState, kind: u32) -> Result<Vec<u8>, Status> {
             .as_ref()
             .map(|r| r.body.clone())
             .ok_or(Status::NotFound),
+        BUFFER_GRPC_RECEIVE => Ok(state.grpc_receive.message.clone().unwrap_or_default()),
         BUFFER_VM_CONFIGURATION => Ok(state.vm_config.clone()),
         BUFFER_PLUGIN_CONFIGURATION if state.in_configure => Ok(state.plugin_config.clone()),
         BUFFER_CALL_DATA => Ok(state.call_data.clone()),
@@ -1116,8 +1346,9 @@ fn property(state: &mut VmState, path: &[u8]) -> Result<Vec<u8>, Status> {
     let shared = state.shared.borrow();
     match state.streams.get(&context) {
         Some(stream) => {
-            let merged = properties::merge(&shared.attributes, &stream.properties);
-            properties::lookup(&merged, &stream.filter_state, path)
+            let maps = stream.maps.borrow();
+            let merged = properties::merge(&shared.attributes, &maps.properties);
+            properties::lookup(&merged, &maps.filter_state, path)
         }
         None => properties::lookup(&shared.attributes, &BTreeMap::new(), path),
     }

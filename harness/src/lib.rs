@@ -12,8 +12,8 @@ pub mod properties;
 pub mod scenario;
 
 pub use harness::{
-    Harness, HarnessError, HttpAnswer, HttpCallRecord, LocalReply, Message, Options, StreamId,
-    StreamResult, TrapRecord,
+    GrpcAnswer, GrpcCallRecord, Harness, HarnessError, HttpAnswer, HttpCallRecord, LocalReply,
+    Message, Options, Plugin, StreamId, StreamResult, TrapRecord,
 };
 pub use host::LogEntry;
 pub use metrics::MetricSnapshot;

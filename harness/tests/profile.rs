@@ -231,7 +231,9 @@ fn everything_also_counts_start_and_configuration() {
     let mut everything = profiled(wat.as_bytes(), ProfileScope::Everything);
     let id = everything.run(0, None, Message::get("/"), None);
     let stream = everything.result(id).instructions;
-    let startup = everything.startup_instructions[0];
+    // Every VM's start: the workers', the main thread's and the base VM's.
+    let startup: u64 = everything.startup_instructions.iter().sum();
+    assert_eq!(everything.startup_instructions.len(), 3);
     let profile = everything.profile().unwrap();
     assert!(startup > 0 && stream > 0);
     assert_eq!(profile.total(), startup + stream);

@@ -117,7 +117,7 @@ fn http_callout_denial_is_a_local_reply_that_never_reaches_the_upstream() {
 }
 
 #[test]
-fn tick_counter_logs_and_counts_every_tick_on_every_worker() {
+fn tick_counter_logs_and_counts_every_tick_on_every_worker_and_the_main_thread() {
     let mut h = harness(
         "tick-counter",
         Options {
@@ -138,14 +138,18 @@ fn tick_counter_logs_and_counts_every_tick_on_every_worker() {
         .filter(|line| line.level == "info")
         .map(|line| line.message)
         .collect();
+    // Envoy ticks the root context of each worker and of the main thread.
     assert_eq!(
         ticks,
-        ["tick 1", "tick 1", "tick 2", "tick 2", "tick 3", "tick 3"]
+        [
+            "tick 1", "tick 1", "tick 1", "tick 2", "tick 2", "tick 2", "tick 3", "tick 3",
+            "tick 3"
+        ]
     );
     assert_eq!(
         h.metric("sdk_ticks_total"),
-        Some(6),
-        "one registry for both workers"
+        Some(9),
+        "one registry for every VM"
     );
 }
 
@@ -165,13 +169,14 @@ fn wasip1_configured_header_reads_its_configuration_and_prints_to_the_log() {
         .into_iter()
         .map(|line| (line.level, line.message))
         .collect();
+    let line = (
+        "info".to_string(),
+        "configured-header: x-colour=blue".to_string(),
+    );
     assert_eq!(
         printed,
-        [(
-            "info".to_string(),
-            "configured-header: x-colour=blue".to_string()
-        )],
-        "stdout becomes an info line"
+        [line.clone(), line.clone(), line],
+        "stdout becomes an info line, once per VM configured (base, main thread, worker)"
     );
     let id = h.run(0, None, Message::get("/").header("x-colour", "red"), None);
     let result = h.result(id);
