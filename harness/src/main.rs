@@ -1,4 +1,4 @@
-//! `eastwest-harness run FILTER.wasm --scenario SCENARIO.yaml [--config CONFIG.json]
+//! `eastwest-harness run [FILTER.wasm] --scenario SCENARIO.yaml [--config CONFIG.json]
 //! [--workers N] [--root-id ID] [--prometheus]`
 //! `eastwest-harness profile FILTER.wasm --scenario SCENARIO.yaml [--config CONFIG.json]
 //! [--out PATH] [--top N] [--warmup N] [--all] [--workers N] [--root-id ID]`
@@ -11,8 +11,9 @@ use std::process::ExitCode;
 use eastwest_harness::profile::ProfileScope;
 use eastwest_harness::scenario::{self, Overrides, Scenario};
 
-const USAGE: &str = "usage: eastwest-harness run FILTER.wasm --scenario SCENARIO.yaml \
+const USAGE: &str = "usage: eastwest-harness run [FILTER.wasm] --scenario SCENARIO.yaml \
 [--config CONFIG.json] [--workers N] [--root-id ID] [--prometheus]
+         FILTER.wasm is left out when the scenario lists a chain (plugins:)
        eastwest-harness profile FILTER.wasm --scenario SCENARIO.yaml [--config CONFIG.json]
          [--out PATH] [--top N] [--warmup N] [--all] [--workers N] [--root-id ID]
          the functions that execute the most wasm instructions in the scenario's streams (exact
@@ -21,7 +22,9 @@ const USAGE: &str = "usage: eastwest-harness run FILTER.wasm --scenario SCENARIO
        eastwest-harness bench [--modules DIR] [--requests N] [--config NAME=JSON]... [--json PATH]
          requests per second through a no-op filter on one core, then for every DIR/*.wasm
          (default dist/), outbound and inbound, wasm instructions per typical request (median
-         and maximum over the run, and per callback) against DESIGN.md's targets";
+         and maximum over the run, and per callback) against DESIGN.md's targets
+       eastwest-harness schema
+         the JSON schema of scenario files (harness/scenario.schema.json)";
 
 /// Requests timed through the no-op filter by default (a quarter of that through each module).
 const DEFAULT_BENCH_REQUESTS: usize = 20_000;
@@ -51,6 +54,12 @@ fn run(args: &[String]) -> Result<ExitCode, Failure> {
         Some("run") => run_scenario(&args[1..]),
         Some("profile") => profile(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("schema") if args.len() == 1 => {
+            let text = serde_json::to_string_pretty(&scenario::schema())
+                .map_err(|e| (3, e.to_string()))?;
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Some("-h" | "--help") | None => Err(usage("")),
         Some(other) => Err(usage(&format!("unknown command {other:?}"))),
     }
@@ -58,7 +67,8 @@ fn run(args: &[String]) -> Result<ExitCode, Failure> {
 
 /// What `run` and `profile` share: the module, the scenario and the overrides.
 struct ScenarioArgs {
-    wasm_path: String,
+    /// None when the scenario lists its `plugins`.
+    wasm_path: Option<String>,
     scenario_path: String,
     overrides: Overrides,
     /// Flags the command handles itself, with their values.
@@ -104,21 +114,33 @@ fn scenario_args(args: &[String], flags: &[(&str, bool)]) -> Result<ScenarioArgs
         }
     }
     Ok(ScenarioArgs {
-        wasm_path: wasm.ok_or_else(|| usage("missing FILTER.wasm"))?,
+        wasm_path: wasm,
         scenario_path: scenario_path.ok_or_else(|| usage("missing --scenario"))?,
         overrides,
         extra,
     })
 }
 
-fn load(args: &ScenarioArgs) -> Result<(Vec<u8>, Scenario), Failure> {
-    let bytes = std::fs::read(&args.wasm_path)
-        .map_err(|e| (3, format!("cannot read {}: {e}", args.wasm_path)))?;
+/// The module (None when the scenario lists `plugins`), the chain, and the scenario.
+type Loaded = (Option<Vec<u8>>, Vec<eastwest_harness::Plugin>, Scenario);
+
+fn load(args: &ScenarioArgs) -> Result<Loaded, Failure> {
     let path = &args.scenario_path;
     let text =
         std::fs::read_to_string(path).map_err(|e| (2, format!("cannot read {path}: {e}")))?;
     let scenario = scenario::parse(&text).map_err(|e| (2, format!("{path}: {e}")))?;
-    Ok((bytes, scenario))
+    let bytes = match &args.wasm_path {
+        Some(wasm) => {
+            Some(std::fs::read(wasm).map_err(|e| (3, format!("cannot read {wasm}: {e}")))?)
+        }
+        None if scenario.plugins.is_empty() => {
+            return Err(usage("missing FILTER.wasm (or plugins in the scenario)"))
+        }
+        None => None,
+    };
+    let base = Path::new(path).parent().unwrap_or(Path::new("."));
+    let plugins = scenario::load_plugins(&scenario, base).map_err(run_failure)?;
+    Ok((bytes, plugins, scenario))
 }
 
 fn run_failure(e: eastwest_harness::HarnessError) -> Failure {
@@ -146,9 +168,10 @@ fn trap_failure(traps: &[eastwest_harness::TrapRecord]) -> Result<ExitCode, Fail
 fn run_scenario(args: &[String]) -> Result<ExitCode, Failure> {
     let args = scenario_args(args, &[("--prometheus", false)])?;
     let prometheus = !args.extra.is_empty();
-    let (bytes, scenario) = load(&args)?;
+    let (bytes, plugins, scenario) = load(&args)?;
     let (harness, output) =
-        scenario::run(&bytes, &scenario, args.overrides).map_err(run_failure)?;
+        scenario::run_chain(bytes.as_deref(), plugins, &scenario, args.overrides)
+            .map_err(run_failure)?;
     if prometheus {
         let tags: Vec<(String, String)> = scenario
             .stats_tags
@@ -220,14 +243,19 @@ fn profile(args: &[String]) -> Result<ExitCode, Failure> {
             _ => scope = ProfileScope::Everything,
         }
     }
-    let (bytes, scenario) = load(&args)?;
+    let (bytes, _, scenario) = load(&args)?;
+    let (Some(bytes), Some(wasm_path)) = (bytes, args.wasm_path.clone()) else {
+        return Err(usage(
+            "profile needs FILTER.wasm: a profile is of one module (profile a chain's modules one at a time)",
+        ));
+    };
     if warmup > 0 && warmup >= scenario.streams.len() {
         return Err(usage(&format!(
             "--warmup {warmup}: the scenario has {} streams, so none would be profiled",
             scenario.streams.len()
         )));
     }
-    let out = out.unwrap_or_else(|| default_profile_path(&args.wasm_path, &args.scenario_path));
+    let out = out.unwrap_or_else(|| default_profile_path(&wasm_path, &args.scenario_path));
     args.overrides.profile = Some(scope);
     args.overrides.profile_warmup = warmup;
     let (harness, output) =
@@ -240,7 +268,7 @@ fn profile(args: &[String]) -> Result<ExitCode, Failure> {
     let total = profile.total();
     println!(
         "eastwest-harness profile: {} with {}",
-        args.wasm_path, args.scenario_path
+        wasm_path, args.scenario_path
     );
     let warmed = if warmup > 0 {
         format!(" after {}", plural(warmup, "warm-up stream"))
