@@ -4,6 +4,7 @@
 //! control: a request paused from its headers and resumed after an HTTP call, and a local reply
 //! that never reaches the upstream.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use eastwest_e2e::{
@@ -320,28 +321,47 @@ fn local_reply_after_a_denied_callout_agrees_with_envoy() {
 
 #[test]
 fn ticks_log_and_count_in_envoy_as_in_the_harness() {
+    // Envoy runs the plugin's root context on its main thread as well as on each worker, and
+    // every one of them ticks: with one worker, two VMs tick.
     let mut h = harness_with("tick-counter", json!({}));
     h.advance(300);
-    let harness_ticks: Vec<String> = h.root_logs().into_iter().map(|line| line.message).collect();
-    assert_eq!(harness_ticks, ["tick 1", "tick 2", "tick 3"]);
-    assert_eq!(h.metric("sdk_ticks_total"), Some(3));
+    let mut harness_ticks: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for line in h.root_logs() {
+        harness_ticks
+            .entry(line.worker)
+            .or_default()
+            .push(line.message);
+    }
+    let three_ticks = ["tick 1", "tick 2", "tick 3"];
+    let harness_ticks: Vec<Vec<String>> = harness_ticks.into_values().collect();
+    assert_eq!(harness_ticks, [three_ticks, three_ticks]);
+    assert_eq!(h.metric("sdk_ticks_total"), Some(6));
 
     let app = TestApp::start().unwrap();
     let (envoy, _port) = envoy_with("sdk-ticks", "tick-counter", json!({}), &app, vec![]);
-    for line in &harness_ticks {
-        envoy
-            .wait_for_log(&format!(": {line}\n"), Duration::from_secs(10))
-            .unwrap();
-    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let envoy_ticks = loop {
+        let by_thread = wasm_lines_by_thread(&envoy.log());
+        let ticking: Vec<Vec<String>> = by_thread
+            .into_values()
+            .filter(|lines| lines.len() >= three_ticks.len())
+            .map(|lines| lines[..three_ticks.len()].to_vec())
+            .collect();
+        if ticking.len() >= harness_ticks.len() || std::time::Instant::now() > deadline {
+            break ticking;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(envoy_ticks, harness_ticks, "{}", envoy.log());
     // Envoy keeps wasm metrics under `wasmcustom.` and prints them without it, as the harness
-    // does: compare the Prometheus lines.
+    // does: compare the Prometheus lines. Every VM counts into the one counter.
     let harness_line = prometheus_sample(&h.prometheus(&[]).unwrap(), "sdk_ticks_total");
-    assert_eq!(harness_line, Some(3));
+    assert_eq!(harness_line, Some(6));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = envoy.prometheus().unwrap();
         match prometheus_sample(&text, "sdk_ticks_total") {
-            Some(ticks) if ticks >= 3 => break,
+            Some(ticks) if ticks >= 6 => break,
             found => assert!(
                 std::time::Instant::now() < deadline,
                 "sdk_ticks_total is {found:?} in Envoy:\n{text}"
@@ -349,6 +369,25 @@ fn ticks_log_and_count_in_envoy_as_in_the_harness() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The `wasm log` messages of an Envoy log by thread id (`[time][thread][level][logger] ...`).
+fn wasm_lines_by_thread(log: &str) -> BTreeMap<String, Vec<String>> {
+    let mut by_thread: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in log.lines() {
+        let Some(at) = line.find("wasm log ") else {
+            continue;
+        };
+        let rest = &line[at..];
+        let (Some(thread), Some(colon)) = (line.split("][").nth(1), rest.find(": ")) else {
+            continue;
+        };
+        by_thread
+            .entry(thread.to_string())
+            .or_default()
+            .push(rest[colon + 2..].to_string());
+    }
+    by_thread
 }
 
 /// The value of an untagged sample in Prometheus text.
@@ -366,7 +405,8 @@ fn wasip1_configured_header_and_its_stdout_agree_with_envoy() {
 
     let mut h = harness_with("configured-header", config.clone());
     let startup: Vec<String> = h.root_logs().into_iter().map(|line| line.message).collect();
-    assert_eq!(startup, ["configured-header: x-colour=blue"]);
+    // Once per VM: the worker's, and the main thread's two (the base VM and its clone).
+    assert_eq!(startup, ["configured-header: x-colour=blue"; 3]);
     let upstream = Message::status(200).body(app_body);
     let id = h.run(
         0,
@@ -384,6 +424,18 @@ fn wasip1_configured_header_and_its_stdout_agree_with_envoy() {
             Duration::from_secs(10),
         )
         .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let envoy_startup = loop {
+        let lines: Vec<String> = wasm_lines_by_thread(&envoy.log())
+            .into_values()
+            .flatten()
+            .collect();
+        if lines.len() >= startup.len() || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(envoy_startup, startup, "{}", envoy.log());
     let response = get(port, "/", &request_headers);
     let in_envoy = envoy_observed(&response, &app, &names, &names, app_body);
     assert_eq!(in_harness, in_envoy, "{}", envoy.log());
