@@ -142,10 +142,6 @@ fn post(body: &[u8]) -> Message {
     .body(body.to_vec())
 }
 
-fn status_of(message: &Message) -> Option<&str> {
-    message.get_header(":status")
-}
-
 #[test]
 fn a_pause_from_request_headers_holds_the_body_until_the_filter_continues() {
     let mut h = harness(
