@@ -214,6 +214,36 @@ fn wasm_lines(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Envoy's HTTP/1.1 codec ends a body with an extra empty `end_of_stream` call
+/// (`request_body size=11 eos=false`, then `request_body size=0 eos=true`); the harness ends it
+/// with the last chunk (harness/README.md, "Known differences"). Folds each such empty call of a
+/// filter into that filter's previous body call of the same direction, and nothing else: a
+/// buffering filter's `size=N eos=true` after `size=N eos=false` stays as it is.
+fn fold_empty_end_of_stream(lines: Vec<String>) -> Vec<String> {
+    let mut folded: Vec<String> = Vec::with_capacity(lines.len());
+    for line in lines {
+        let Some(prefix) = line.strip_suffix("_body size=0 eos=true") else {
+            folded.push(line);
+            continue;
+        };
+        let previous = format!("{prefix}_body size=");
+        let open = folded.iter_mut().rev().find(|earlier| {
+            earlier
+                .strip_prefix(previous.as_str())
+                .and_then(|rest| rest.strip_suffix(" eos=false"))
+                .is_some_and(|size| size.parse::<u64>().is_ok_and(|size| size > 0))
+        });
+        match open {
+            Some(earlier) => {
+                let size = earlier.strip_suffix(" eos=false").unwrap_or_default();
+                *earlier = format!("{size} eos=true");
+            }
+            None => folded.push(line),
+        }
+    }
+    folded
+}
+
 impl EnvoyUnderTest {
     /// Sends `request` and observes it; `upstream_names` are the request headers to report
     /// as the upstream received them. `wait_for_line` starts the last log line the stream
@@ -264,12 +294,13 @@ impl EnvoyUnderTest {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
+        // Lines written after the awaited one (`log`, `done`) follow within a flush.
         std::thread::sleep(Duration::from_millis(150));
         let log = self.envoy.log();
-        let lines = if lines.is_empty() {
-            lines
+        let lines = if log.len() >= log_before {
+            wasm_lines(&log[log_before..])
         } else {
-            wasm_lines(&log[log_before.min(log.len())..])
+            lines
         };
         let access_line = access.first().cloned().unwrap_or_default();
         let details = access_line
@@ -468,6 +499,22 @@ fn decider_answer(status: u16, delay_ms: u64) -> HttpAnswer {
 // ---------------------------------------------------------------------------------------------
 // 1. Pauses with bodies, HTTP-call answers after the body, local replies after a callout.
 
+impl Seen {
+    /// What the harness is documented to show of what Envoy's client saw (harness/README.md,
+    /// "Known differences"): a body's extra empty end-of-stream call of Envoy's HTTP/1.1 codec
+    /// folded into the body's last call, and without the `content-length: 0` the HTTP/1.1 codec
+    /// adds to a bodyless reply. Everything else as Envoy showed it.
+    fn as_documented(&self) -> Seen {
+        let mut seen = self.clone();
+        seen.logs = fold_empty_end_of_stream(seen.logs);
+        if seen.body.is_empty() {
+            seen.headers
+                .retain(|(name, value)| !(name == "content-length" && value == "0"));
+        }
+        seen
+    }
+}
+
 /// `flow-probe` pausing the request headers for the `decider` callout, with a POST whose body is
 /// in Envoy long before the decider answers (300 ms).
 fn paused_post(name: &str, decider_status: u16) -> (Seen, Seen) {
@@ -497,7 +544,7 @@ fn paused_post(name: &str, decider_status: u16) -> (Seen, Seen) {
 #[test]
 fn a_post_paused_in_request_headers_waits_for_the_callout_with_its_body() {
     let (in_harness, in_envoy) = paused_post("flow-paused-post-allowed", 200);
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
     assert_eq!(in_envoy.status, Some(200));
     assert_eq!(in_envoy.upstream_body.as_deref(), Some("hello world"));
     // The body callback waits for the resume and then gets the whole body at once.
@@ -514,7 +561,7 @@ fn a_post_paused_in_request_headers_waits_for_the_callout_with_its_body() {
 #[test]
 fn a_local_reply_decided_by_a_callout_after_the_body_keeps_the_post_from_the_upstream() {
     let (in_harness, in_envoy) = paused_post("flow-paused-post-denied", 403);
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
     assert_eq!(in_envoy.status, Some(403));
     assert_eq!(
         in_envoy.upstream_body, None,
@@ -565,7 +612,7 @@ fn paused_response(name: &str, decider_status: u16) -> (Seen, Seen) {
 #[test]
 fn a_response_paused_in_its_headers_holds_its_body_until_resumed() {
     let (in_harness, in_envoy) = paused_response("flow-paused-response-allowed", 200);
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
     assert_eq!(in_envoy.status, Some(200));
     let after_answer: Vec<&str> = in_envoy
         .logs
@@ -583,7 +630,7 @@ fn a_response_paused_in_its_headers_holds_its_body_until_resumed() {
 #[test]
 fn a_local_reply_from_paused_response_headers_replaces_the_response() {
     let (in_harness, in_envoy) = paused_response("flow-paused-response-denied", 403);
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
     assert_eq!(in_envoy.status, Some(403));
     assert_eq!(in_envoy.body, "denied by flow-probe\n");
     assert!(
@@ -621,7 +668,7 @@ fn a_path_gate_deciding_on_the_body_agrees_with_envoy() {
         let (in_envoy, answer) = envoy.observe_with_answer(&app, &request, &[], last_line);
         let result = harness_run(&mut h, &request, answer_or_stand_in(answer));
         let in_harness = harness_seen(&result, &[]);
-        assert_eq!(in_harness, in_envoy, "{}", request.path);
+        assert_eq!(in_harness, in_envoy.as_documented(), "{}", request.path);
     }
 }
 
@@ -652,7 +699,11 @@ fn local_reply_headers_come_in_envoys_order() {
         ] {
             let in_envoy = envoy.observe(&app, &request, &[], "done");
             let result = harness_run(&mut h, &request, Message::status(200));
-            assert_eq!(harness_seen(&result, &[]), in_envoy, "reply {index}");
+            assert_eq!(
+                harness_seen(&result, &[]),
+                in_envoy.as_documented(),
+                "reply {index}"
+            );
         }
     }
     // What Envoy does, spelled out for the first reply: the filter's headers in its order,
@@ -715,24 +766,18 @@ fn rewrite(name: &str, config: Value, request: Request, upstream_names: &[&str])
     };
     let in_envoy = envoy.observe(&app, &request, upstream_names, last_line);
     let mut h = harness("body-rewrite", config);
-    // The app's echo is as long as Envoy's rewritten body says, or (when rewritten) the
-    // harness's upstream gets the rewritten request.
-    let upstream = match in_envoy
+    // The app echoes the request: its answer is as long as Envoy's rewritten body says, or (when
+    // Envoy reset the stream first) a little longer than the request.
+    let echo_size = in_envoy
         .logs
         .iter()
         .find_map(|line| line.strip_prefix("response body rewritten: "))
-    {
-        Some(size) => {
-            let size: usize = size.trim_end_matches(" bytes").parse().unwrap();
-            Message::status(200)
-                .header("content-type", "application/json")
-                .header("content-length", &size.to_string())
-                .body(vec![b'e'; size])
-        }
-        None => Message::status(200)
-            .header("content-type", "application/json")
-            .body("{}"),
-    };
+        .map(|size| size.trim_end_matches(" bytes").parse().unwrap())
+        .unwrap_or(request.body.len() + 300);
+    let upstream = Message::status(200)
+        .header("content-type", "application/json")
+        .header("content-length", &echo_size.to_string())
+        .body(vec![b'e'; echo_size]);
     let result = harness_run(&mut h, &request, upstream);
     let mut in_harness = harness_seen(&result, upstream_names);
     if response_rewritten {
@@ -756,7 +801,7 @@ fn a_response_body_buffered_within_the_limit_is_rewritten() {
         Request::post("/echo", vec![b'y'; 100 * 1024]),
         &[],
     );
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
     assert_eq!(in_envoy.status, Some(200));
     assert!(
         in_envoy.body.starts_with("rewritten 1"),
@@ -794,7 +839,7 @@ fn a_request_body_buffered_within_the_limit_is_rewritten() {
         Request::post("/echo", vec![b'y'; 100 * 1024]),
         &["content-length"],
     );
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
     assert_eq!(
         in_envoy.upstream_body.as_deref(),
         Some("rewritten 102400 bytes\n")
@@ -817,7 +862,7 @@ fn a_request_body_buffered_past_the_limit_gets_413() {
         Vec::<String>::new(),
         "the filter never finished"
     );
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -933,7 +978,9 @@ fn chain_plugin(filter: &str, config: Value, name: &str) -> Plugin {
     }
 }
 
-fn chain_agrees(name: &str, second: (&str, Value, &str)) {
+/// Runs `/ok`, `/first` (the first filter answers) and `/second` (the second answers) through
+/// `filter-state` named first and `second`; returns what Envoy showed for `/ok`.
+fn chain_agrees(name: &str, second: (&str, Value, &str)) -> Seen {
     let first = json!({"name": "first", "reply_path": "/first"});
     let app = TestApp::start().unwrap();
     let envoy = envoy_with(
@@ -967,6 +1014,7 @@ fn chain_agrees(name: &str, second: (&str, Value, &str)) {
     } else {
         "second log chain=first,second"
     };
+    let mut ok = None;
     for (path, last) in [
         ("/ok", last_line),
         (
@@ -980,6 +1028,7 @@ fn chain_agrees(name: &str, second: (&str, Value, &str)) {
         ("/second", last_line),
     ] {
         let request = Request::post(path, "abc");
+        let first_of_stream = path == "/ok";
         let (in_envoy, answer) = envoy.observe_with_answer(&app, &request, &["x-chain"], last);
         // The app's answer without the headers the chain added to it.
         let answer = answer.map(|mut answer| {
@@ -990,7 +1039,10 @@ fn chain_agrees(name: &str, second: (&str, Value, &str)) {
         });
         let result = harness_run(&mut h, &request, answer_or_stand_in(answer));
         let in_harness = harness_seen(&result, &["x-chain"]);
-        assert_eq!(in_harness, in_envoy, "{path}");
+        assert_eq!(in_harness, in_envoy.as_documented(), "{path}");
+        if first_of_stream {
+            ok = Some(in_envoy.clone());
+        }
         if path == "/first" {
             assert_eq!(in_envoy.upstream_body, None);
             assert!(
@@ -1003,11 +1055,12 @@ fn chain_agrees(name: &str, second: (&str, Value, &str)) {
             );
         }
     }
+    ok.expect("/ok ran")
 }
 
 #[test]
 fn a_two_filter_chain_agrees_with_envoy() {
-    chain_agrees(
+    let ok = chain_agrees(
         "flow-chain-state",
         (
             "filter-state",
@@ -1015,11 +1068,33 @@ fn a_two_filter_chain_agrees_with_envoy() {
             "second",
         ),
     );
+    // Envoy's order, spelled out: request events through the chain in order, each body call
+    // (the HTTP/1.1 codec's empty end-of-stream included) through every filter before the next,
+    // response events in reverse, `on_log` in order, filter state shared.
+    assert_eq!(
+        ok.logs,
+        [
+            "first request_headers eos=false chain=none",
+            "second request_headers eos=false chain=first",
+            "first request_body size=3 eos=false",
+            "second request_body size=3 eos=false",
+            "first request_body size=0 eos=true",
+            "second request_body size=0 eos=true",
+            "second response_headers status=200 eos=false",
+            "first response_headers status=200 eos=false",
+            &format!("second response_body size={} eos=false", ok.body.len()),
+            &format!("first response_body size={} eos=false", ok.body.len()),
+            "second response_body size=0 eos=true",
+            "first response_body size=0 eos=true",
+            "first log chain=first,second",
+            "second log chain=first,second",
+        ]
+    );
 }
 
 #[test]
 fn a_chain_of_two_different_modules_agrees_with_envoy() {
-    chain_agrees("flow-chain-modules", ("flow-probe", json!({}), "probe"));
+    let _ = chain_agrees("flow-chain-modules", ("flow-probe", json!({}), "probe"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1104,7 +1179,10 @@ fn a_grpc_call_answered_ok_lets_the_request_go() {
         Request::get("/orders/1").header("x-decide-grpc-status", "0"),
         grpc_ok_answer(),
     );
-    assert_eq!(without_sizes(in_harness), without_sizes(in_envoy.clone()));
+    assert_eq!(
+        without_sizes(in_harness),
+        without_sizes(in_envoy.as_documented())
+    );
     assert_eq!(in_envoy.status, Some(200));
     assert_eq!(
         in_envoy.upstream_headers,
@@ -1132,7 +1210,10 @@ fn a_grpc_call_answered_with_an_error_status_gets_the_filters_local_reply() {
         in_envoy.body,
         format!("grpc 7: {APP_GRPC_MESSAGE}{{via_upstream}}\n")
     );
-    assert_eq!(without_sizes(in_harness), without_sizes(in_envoy));
+    assert_eq!(
+        without_sizes(in_harness),
+        without_sizes(in_envoy.as_documented())
+    );
 }
 
 #[test]
@@ -1154,7 +1235,10 @@ fn a_grpc_call_past_its_timeout_is_unavailable() {
         in_envoy.body,
         "grpc 14: upstream request timeout{response_timeout}\n"
     );
-    assert_eq!(without_sizes(in_harness), without_sizes(in_envoy));
+    assert_eq!(
+        without_sizes(in_harness),
+        without_sizes(in_envoy.as_documented())
+    );
 }
 
 #[test]
@@ -1228,7 +1312,7 @@ fn a_grpc_only_filter_refuses_a_plain_post_and_admits_grpc() {
         "refused /shop.Cart/Add: content-type \"application/json\"",
     );
     let in_harness = harness_seen(&harness_run(&mut h, &plain, Message::status(200)), &[]);
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
     assert_eq!(in_envoy.status, Some(415));
     assert_eq!(
         in_envoy.upstream_body, None,
@@ -1249,5 +1333,5 @@ fn a_grpc_only_filter_refuses_a_plain_post_and_admits_grpc() {
         "the client got the app's trailers"
     );
     let in_harness = harness_seen(&harness_run(&mut h, &grpc, answer), &["content-type"]);
-    assert_eq!(in_harness, in_envoy);
+    assert_eq!(in_harness, in_envoy.as_documented());
 }
