@@ -31,6 +31,13 @@ const DEFAULT_BENCH_REQUESTS: usize = 20_000;
 /// Functions listed by `profile` by default.
 const DEFAULT_TOP: usize = 25;
 
+/// Writes a command's document to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+}
+
 /// Exit codes: 0 success, 1 a guest trap, 2 usage or bad scenario, 3 bad module or start failure.
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,7 +64,7 @@ fn run(args: &[String]) -> Result<ExitCode, Failure> {
         Some("schema") if args.len() == 1 => {
             let text = serde_json::to_string_pretty(&scenario::schema())
                 .map_err(|e| (3, e.to_string()))?;
-            println!("{text}");
+            emit(&format!("{text}\n"));
             Ok(ExitCode::SUCCESS)
         }
         Some("-h" | "--help") | None => Err(usage("")),
@@ -178,12 +185,10 @@ fn run_scenario(args: &[String]) -> Result<ExitCode, Failure> {
             .iter()
             .map(|t| (t.tag_name.clone(), t.regex.clone()))
             .collect();
-        print!("{}", harness.prometheus(&tags).map_err(|e| (2, e.0))?);
+        emit(&harness.prometheus(&tags).map_err(|e| (2, e.0))?);
     } else {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&output).map_err(|e| (3, e.to_string()))?
-        );
+        let text = serde_json::to_string_pretty(&output).map_err(|e| (3, e.to_string()))?;
+        emit(&format!("{text}\n"));
     }
     trap_failure(&output.traps)
 }
