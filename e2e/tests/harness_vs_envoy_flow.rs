@@ -2,12 +2,24 @@
 //! one of the SDK filters of harness/sdk-filters/ (built by `cargo xtask build` into
 //! target/sdk-filters/) with the same requests in real Envoy 1.40 and in the harness, and
 //! requires the same user-visible outcome: the status, the response headers in their order,
-//! the body, whether the upstream was reached and what it received, whether the stream was
-//! reset, the response code details, and the filters' log lines in order.
+//! the body, whether the upstream application was reached and what it received, whether the
+//! stream was reset, the response code details of Envoy's own replies (payload too large), and
+//! the filters' log lines in order.
+//!
+//! Covered: POSTs through filters that pause in request or response headers and HTTP-call
+//! answers that arrive after the body (`flow-probe`); local replies decided after a callout or
+//! after reading the body (`flow-probe`, `path-gate`); local reply header order, plain and as
+//! gRPC trailers-only replies; bodies buffered within and past the 1 MiB buffer limit, request
+//! and response (`body-rewrite`); VMs, configurations and ticks per thread (`lifecycle`); two
+//! filters in one chain, one module twice and two modules (`filter-state`, `flow-probe`); gRPC
+//! calls (OK, error status, timeout, unknown cluster) and streams (`grpc-callout`); a gRPC-only
+//! filter with a plain POST and a gRPC request (`grpc-only`).
 //!
 //! Not compared, because Envoy's codec or router adds them and the harness does not claim to:
-//! `date`, `server`, `x-envoy-upstream-service-time`, `connection`, `transfer-encoding` (see
-//! harness/README.md, "Known differences").
+//! `date`, `server`, `x-envoy-upstream-service-time`, `connection`, `transfer-encoding`.
+//! [`Seen::as_documented`] applies the two differences harness/README.md documents ("Known
+//! differences"): the HTTP/1.1 codec's extra empty end-of-stream body call and the
+//! `content-length: 0` of bodiless HTTP/1.1 replies; the tests also check Envoy does them.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -1333,5 +1345,65 @@ fn a_grpc_only_filter_refuses_a_plain_post_and_admits_grpc() {
         "the client got the app's trailers"
     );
     let in_harness = harness_seen(&harness_run(&mut h, &grpc, answer), &["content-type"]);
+    assert_eq!(in_harness, in_envoy.as_documented());
+}
+
+#[test]
+fn a_grpc_call_to_an_unknown_cluster_is_refused_as_in_envoy() {
+    // Envoy refuses a call to a cluster it does not know with ParseFailure (the SDK returns
+    // it as an error); the filter answers 503 itself.
+    let config = json!({"mode": "call", "timeout_ms": 500, "cluster": "nowhere"});
+    let request = Request::get("/orders/1").header("x-decide-grpc-status", "0");
+    let app = TestApp::start().unwrap();
+    let envoy = envoy_with(
+        "flow-grpc-unknown-cluster",
+        vec![sdk_filter("grpc-callout", config.clone())],
+        &app,
+        vec![],
+        1,
+    );
+    let in_envoy = envoy.observe(&app, &request, &[], "grpc callout not sent");
+    assert_eq!(in_envoy.status, Some(503));
+    assert_eq!(in_envoy.logs, ["grpc callout not sent: ParseFailure"]);
+
+    let mut h = harness("grpc-callout", config);
+    let result = harness_run(&mut h, &request, Message::status(200));
+    assert!(result.grpc_calls.is_empty(), "{:?}", result.grpc_calls);
+    assert_eq!(harness_seen(&result, &[]), in_envoy.as_documented());
+}
+
+#[test]
+fn a_grpc_stream_answered_trailers_only_agrees_with_envoy() {
+    // A trailers-only answer: Envoy still calls the initial-metadata callback (with nothing in
+    // it), then hands every header over as trailing metadata, then closes with the status.
+    let answer = GrpcAnswer {
+        initial_metadata: Pairs::new(),
+        messages: Vec::new(),
+        trailing_metadata: pairs(&[
+            (":status", "200"),
+            ("grpc-status", "5"),
+            ("grpc-message", APP_GRPC_MESSAGE),
+            ("content-type", "application/grpc"),
+            ("date", "Wed, 01 Jan 2025 00:00:00 GMT"),
+            ("x-envoy-upstream-service-time", "0"),
+        ]),
+        status: 5,
+        status_message: APP_GRPC_MESSAGE.to_string(),
+        delay_ms: 0,
+    };
+    let (in_harness, in_envoy) = grpc_callout(
+        "flow-grpc-stream-trailers-only",
+        "stream",
+        Request::get("/orders/1")
+            .header("x-decide-grpc-status", "5")
+            .header("x-decide-grpc-trailers-only", "1"),
+        answer,
+    );
+    assert_eq!(in_envoy.status, Some(403));
+    assert_eq!(
+        in_envoy.logs[0], "grpc stream initial metadata: 0 entries []",
+        "{:?}",
+        in_envoy.logs
+    );
     assert_eq!(in_harness, in_envoy.as_documented());
 }
