@@ -30,6 +30,7 @@ pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod envoy;
+pub mod live_config;
 pub mod load;
 pub mod module_under_test;
 mod paths;
