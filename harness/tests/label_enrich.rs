@@ -205,3 +205,148 @@ fn unknown_direction_passes_traffic_and_warns_once(module: ModuleUnderTest) {
 }
 
 for_each_module!(unknown_direction_passes_traffic_and_warns_once);
+
+/// Istio's `x-envoy-peer-metadata`: base64 of a `google.protobuf.Struct` of workload metadata.
+fn istio_peer_metadata(namespace: &str, app: &str) -> String {
+    use base64::Engine;
+    use prost::Message;
+    use prost_types::{value::Kind, Struct, Value as ProtoValue};
+    let string = |value: &str| ProtoValue {
+        kind: Some(Kind::StringValue(value.to_string())),
+    };
+    let labels = Struct {
+        fields: [("app".to_string(), string(app))].into_iter().collect(),
+    };
+    let metadata = Struct {
+        fields: [
+            ("NAMESPACE".to_string(), string(namespace)),
+            ("WORKLOAD_NAME".to_string(), string(&format!("{app}-v1"))),
+            (
+                "LABELS".to_string(),
+                ProtoValue {
+                    kind: Some(Kind::StructValue(labels)),
+                },
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    base64::engine::general_purpose::STANDARD.encode(metadata.encode_to_vec())
+}
+
+fn shop_frontend_certificate() -> Value {
+    json!({"connection": {
+        "mtls": true,
+        "uri_san_peer_certificate": "spiffe://cluster.local/ns/shop/sa/frontend",
+    }})
+}
+
+fn inbound_refuses_peer_metadata_that_contradicts_the_certificate(module: ModuleUnderTest) {
+    let mut h = harness(
+        module,
+        json!({}),
+        sidecar("checkout", "payments", "critical", 1),
+        1,
+    );
+    let request = Message::get("/")
+        .header("baggage", "k8s.namespace.name=shop,userid=7")
+        .header(
+            "x-envoy-peer-metadata",
+            &istio_peer_metadata("kube-system", "admin"),
+        );
+    let id = h.run(0, Some(&shop_frontend_certificate()), request, None);
+    let upstream = h.result(id).upstream_request.unwrap();
+    // Only what the certificate proves and the baggage claims in agreement with it.
+    assert_eq!(
+        upstream.get_header("x-eastwest-source"),
+        Some("k8s.namespace.name=shop")
+    );
+    assert_eq!(upstream.get_header("x-envoy-peer-metadata"), None);
+    let name = "peer=.=source;.;reason=.=peer_metadata_mismatch;.;\
+                eastwest_label_enrich_claims_refused_total";
+    assert_eq!(h.metric(name), Some(1));
+}
+
+for_each_module!(inbound_refuses_peer_metadata_that_contradicts_the_certificate);
+
+fn inbound_uses_peer_metadata_that_agrees_with_the_certificate(module: ModuleUnderTest) {
+    let mut h = harness(
+        module,
+        json!({}),
+        sidecar("checkout", "payments", "critical", 1),
+        1,
+    );
+    let blob = istio_peer_metadata("shop", "frontend");
+    let request = Message::get("/").header("x-envoy-peer-metadata", &blob);
+    let id = h.run(0, Some(&shop_frontend_certificate()), request, None);
+    let upstream = h.result(id).upstream_request.unwrap();
+    assert_eq!(
+        upstream.get_header("x-eastwest-source"),
+        Some("service.name=frontend,k8s.namespace.name=shop")
+    );
+    assert_eq!(
+        upstream.header_values("x-envoy-peer-metadata"),
+        vec![blob.clone()]
+    );
+}
+
+for_each_module!(inbound_uses_peer_metadata_that_agrees_with_the_certificate);
+
+fn inbound_refuses_several_peer_metadata_values_and_removes_them(module: ModuleUnderTest) {
+    let mut h = harness(
+        module,
+        json!({}),
+        sidecar("checkout", "payments", "critical", 1),
+        1,
+    );
+    let request = Message::get("/")
+        .header(
+            "x-envoy-peer-metadata",
+            &istio_peer_metadata("shop", "frontend"),
+        )
+        .header(
+            "x-envoy-peer-metadata",
+            &istio_peer_metadata("shop", "admin"),
+        );
+    let id = h.run(0, Some(&shop_frontend_certificate()), request, None);
+    let upstream = h.result(id).upstream_request.unwrap();
+    assert_eq!(
+        upstream.get_header("x-eastwest-source"),
+        Some("k8s.namespace.name=shop")
+    );
+    assert!(upstream.header_values("x-envoy-peer-metadata").is_empty());
+    let name =
+        "peer=.=source;.;reason=.=repeated_header;.;eastwest_label_enrich_claims_refused_total";
+    assert_eq!(h.metric(name), Some(1));
+}
+
+for_each_module!(inbound_refuses_several_peer_metadata_values_and_removes_them);
+
+fn outbound_refuses_several_peer_header_values(module: ModuleUnderTest) {
+    let mut h = harness(module, json!({}), sidecar("frontend", "web", "high", 2), 1);
+    let upstream = Message::status(200)
+        .header(
+            "x-eastwest-peer",
+            "service.name=checkout,k8s.namespace.name=shop",
+        )
+        .header(
+            "x-eastwest-peer",
+            "service.name=admin,k8s.namespace.name=shop",
+        );
+    let upstream_certificate = json!({"upstream": {
+        "uri_san_peer_certificate": "spiffe://cluster.local/ns/shop/sa/checkout",
+    }});
+    let id = h.run(
+        0,
+        Some(&upstream_certificate),
+        Message::get("/"),
+        Some((upstream, 0)),
+    );
+    let response = h.result(id).downstream_response.unwrap();
+    assert!(response.header_values("x-eastwest-peer").is_empty());
+    let name = "peer=.=destination;.;reason=.=repeated_header;.;\
+                eastwest_label_enrich_claims_refused_total";
+    assert_eq!(h.metric(name), Some(1));
+}
+
+for_each_module!(outbound_refuses_several_peer_header_values);

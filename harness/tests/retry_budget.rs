@@ -305,3 +305,130 @@ fn client_headers_mode_caps_retries_only_when_the_budget_is_spent(module: Module
 }
 
 for_each_module!(client_headers_mode_caps_retries_only_when_the_budget_is_spent);
+
+/// Per-stream properties: the request was routed to `service`'s Istio cluster.
+fn routed_to(service: &str) -> Value {
+    json!({"xds": {"cluster_name": format!("outbound|8080||{service}.shop.svc.cluster.local")}})
+}
+
+/// One retry toward `service` as each client mode sees one: an attempt header (`client`), or a
+/// request the router retried once (`client-headers`, charged when the stream ends).
+fn retry_toward(h: &mut Harness, mode: &str, service: &str) {
+    let mut properties = routed_to(service);
+    let request = if mode == "client" {
+        attempt(2)
+    } else {
+        properties["upstream"] = json!({"request_attempt_count": 2});
+        Message::get("/pay")
+    };
+    h.run(0, Some(&properties), request, None);
+}
+
+fn budget_metric_names(h: &Harness) -> Vec<String> {
+    h.metrics()
+        .into_iter()
+        .map(|metric| metric.name)
+        .filter(|name| name.ends_with("eastwest_retry_budget_admitted_total"))
+        .collect()
+}
+
+fn the_overflow_budget_is_labelled_overflow_in_every_client_mode(module: ModuleUnderTest) {
+    for mode in ["client", "client-headers"] {
+        let mut h = harness(module, json!({"mode": mode, "max_budgets": 1}), 1);
+        for service in ["alpha", "bravo", "charlie", "delta"] {
+            retry_toward(&mut h, mode, service);
+        }
+        let names = budget_metric_names(&h);
+        let overflow = format!(
+            "destination_service=.=overflow;.;destination_namespace=.=overflow;.;mode=.={mode};.;\
+             eastwest_retry_budget_admitted_total"
+        );
+        assert!(names.contains(&overflow), "{mode}: {names:?}");
+        assert_eq!(
+            h.metric(&overflow),
+            Some(3),
+            "{mode}: bravo, charlie, delta"
+        );
+        assert_eq!(
+            names.len(),
+            2,
+            "{mode}: alpha's budget and the overflow: {names:?}"
+        );
+        for service in ["bravo", "charlie", "delta"] {
+            assert!(
+                !names.iter().any(|name| name.contains(service)),
+                "{mode}: {service} names a budget: {names:?}"
+            );
+        }
+        assert!(h.traps.is_empty(), "{:?}", h.traps);
+    }
+}
+
+for_each_module!(the_overflow_budget_is_labelled_overflow_in_every_client_mode);
+
+fn a_configured_destination_keeps_its_budget_beyond_max_budgets(module: ModuleUnderTest) {
+    // payments may not retry at all; the defaults would admit 0.2 per original request.
+    let config = json!({
+        "mode": "client", "min_retries_per_second": 0, "max_budgets": 1,
+        "destinations": {"payments": {"ratio": 0}},
+    });
+    let mut h = harness(module, config, 1);
+    // alpha takes the one budget max_budgets allows.
+    h.run(0, Some(&routed_to("alpha")), attempt(1), None);
+    for _ in 0..20 {
+        h.run(0, Some(&routed_to("payments")), attempt(1), None);
+    }
+    let admitted = (0..5)
+        .filter(|_| {
+            let id = h.run(0, Some(&routed_to("payments")), attempt(2), None);
+            h.result(id).local_reply.is_none()
+        })
+        .count();
+    assert_eq!(admitted, 0, "payments' own ratio 0 applies");
+    assert_eq!(
+        h.metric(
+            "destination_service=.=payments;.;destination_namespace=.=shop;.;mode=.=client;.;\
+             eastwest_retry_budget_denied_total"
+        ),
+        Some(5)
+    );
+}
+
+for_each_module!(a_configured_destination_keeps_its_budget_beyond_max_budgets);
+
+fn an_app_chosen_authority_cannot_push_a_configured_destination_out(module: ModuleUnderTest) {
+    // client-headers without a cluster name: the budget is keyed by the app's `:authority`.
+    let config = json!({
+        "mode": "client-headers", "min_retries_per_second": 0, "max_budgets": 1,
+        "destinations": {"payments": {"ratio": 0}},
+    });
+    let mut h = Harness::new(
+        &module.read_wasm(FEATURE),
+        Options {
+            config: module.config_bytes(FEATURE, config),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let to = |authority: &str| {
+        let mut request = Message::get("/pay");
+        request
+            .headers
+            .retain(|(name, _)| name.as_slice() != b":authority");
+        request.header(":authority", authority)
+    };
+    for index in 0..50 {
+        h.run(0, None, to(&format!("flood-{index}")), None);
+    }
+    for index in 0..10 {
+        let id = h.run(0, None, to("payments"), None);
+        let sent = h.result(id).upstream_request.unwrap();
+        assert_eq!(
+            sent.get_header("x-envoy-max-retries"),
+            Some("0"),
+            "request {index} to payments may retry"
+        );
+    }
+}
+
+for_each_module!(an_app_chosen_authority_cannot_push_a_configured_destination_out);

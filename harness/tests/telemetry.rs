@@ -246,3 +246,43 @@ fn invalid_configuration_is_refused_with_the_field_named(module: ModuleUnderTest
 }
 
 for_each_module!(invalid_configuration_is_refused_with_the_field_named);
+
+fn overflow_series_carry_the_reporter_of_their_direction(module: ModuleUnderTest) {
+    // One plugin instance for both directions (no `direction`: the listener's is used).
+    let config = json!({"peer_trust": "any", "max_series": 2,
+                        "dimensions": ["reporter", "source_service", "destination_service"]});
+    let mut h = harness(module, config, node("checkout", "payments", 0));
+    let in_direction = |direction: i64| {
+        let mut properties = outcome(200, 0, 1, 1);
+        properties["xds"] = json!({"listener_direction": direction});
+        properties
+    };
+    // Outbound: the first callee fills the cap (requests and duration), the others overflow.
+    for callee in ["orders", "stock", "pricing"] {
+        let upstream =
+            Message::status(200).header("x-eastwest-peer", &format!("service.name={callee}"));
+        h.run(
+            0,
+            Some(&in_direction(2)),
+            Message::get("/"),
+            Some((upstream, 0)),
+        );
+    }
+    // Inbound: every caller overflows.
+    for index in 0..4 {
+        let request = Message::get("/").header("baggage", &format!("service.name=caller-{index}"));
+        h.run(0, Some(&in_direction(1)), request, None);
+    }
+    let text = prometheus(&h);
+    let overflowed = |reporter: &str| {
+        sample(
+            &text,
+            "eastwest_requests_total",
+            &[("reporter", reporter), ("source_service", "overflow")],
+        )
+    };
+    assert_eq!(overflowed("source"), Some(2), "{text}");
+    assert_eq!(overflowed("destination"), Some(4), "{text}");
+}
+
+for_each_module!(overflow_series_carry_the_reporter_of_their_direction);
