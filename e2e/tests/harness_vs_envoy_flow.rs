@@ -1121,7 +1121,10 @@ fn pairs(list: &[(&str, &str)]) -> Pairs {
 /// `grpc-callout` in `mode` against the test app as a gRPC server (h2c); the harness's cluster
 /// answers as the app does.
 fn grpc_callout(name: &str, mode: &str, request: Request, answer: GrpcAnswer) -> (Seen, Seen) {
-    let config = json!({"mode": mode, "timeout_ms": 500});
+    // Generous unless the test is about the timeout: a loaded machine must not turn an answer
+    // into a timeout in Envoy.
+    let timeout_ms = if name.ends_with("timeout") { 500 } else { 5000 };
+    let config = json!({"mode": mode, "timeout_ms": timeout_ms});
     let app = TestApp::start().unwrap();
     let grpc_app = TestApp::start().unwrap();
     let envoy = envoy_with(
