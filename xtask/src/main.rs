@@ -6,6 +6,7 @@ mod demo;
 mod envoy;
 mod error;
 mod exports;
+mod fuzz;
 mod package;
 mod process;
 mod retry_storm;
@@ -45,6 +46,12 @@ Commands:
   package build the filters and write each as an OCI image (the Wasm \"compat\" image Istio's
           WasmPlugin oci:// urls fetch) into dist/oci/<filter>/; prints the digests, the
           push commands (oras, skopeo, crane) and the WasmPlugin url and sha256
+  fuzz    seeded, replayable random and hostile streams through every module in dist/ in
+          the harness, in several configurations each, every stream checked (no trap, no
+          forged claim, caps kept); a failure prints the command that replays its stream
+            --streams 1000000   --seed 1   --config NAME --stream I (replay)
+            --parsers [--time 60s]   coverage-guided cargo fuzz targets of the parsers
+          (see `cargo xtask fuzz --help` and docs/fuzzing.md)
   retry-storm
           the retry-storm experiment in real Envoy: a callee fails for 4 s under a steady
           load; prints, for no budget, Envoy's retry_budget and eastwest's three modes, how
@@ -99,6 +106,13 @@ fn main() -> ExitCode {
                 Some(bench_args) => bench::bench(&ws, &bench_args),
                 None => {
                     print!("{}", bench::HELP);
+                    Ok(())
+                }
+            }),
+            "fuzz" => fuzz::parse_args(rest).and_then(|options| match options {
+                Some(options) => fuzz::fuzz(&ws, &options),
+                None => {
+                    print!("{}", fuzz::HELP);
                     Ok(())
                 }
             }),

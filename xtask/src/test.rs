@@ -26,15 +26,17 @@ Runs what CI runs, in this order, and stops at the first failure:
   4. unit tests       cargo test --workspace --exclude eastwest-e2e
   5. wasm unit tests  the unit tests of the crates under filters/ that opt in, compiled to
                       wasm32 and run under Node by wasm-bindgen-test-runner
-  6. e2e tests        cargo test -p eastwest-e2e against real Envoy 1.40.0 (and a real
+  6. fuzz             a seeded pass of the stream fuzzer over dist/ (every configuration, a
+                      thousand streams each; `cargo xtask fuzz` runs a million)
+  7. e2e tests        cargo test -p eastwest-e2e against real Envoy 1.40.0 (and a real
                       Prometheus from the Debian package `prometheus`, installed if missing);
                       the shipped Envoy configurations are also validated with the oldest
                       supported Envoy, 1.36.2, and the docker-compose stack with
                       `docker-compose config` (Debian package `docker-compose`)
 
 Options:
-  --skip-e2e   steps 1 to 5: no Envoy needed
-  --only-e2e   steps 3 and 6: the wasm build and the end-to-end tests that load it
+  --skip-e2e   steps 1 to 6: no Envoy needed
+  --only-e2e   the wasm build and the end-to-end tests that load it
 
 Step 5 runs the crates under filters/ whose Cargo.toml has
   [target.'cfg(target_arch = \"wasm32\")'.dev-dependencies]
@@ -101,6 +103,11 @@ const WASM_UNIT_TESTS: Step = Step {
     what: "unit tests of the crates under filters/ on wasm32, under Node",
     run: wasm_unit_tests,
 };
+const FUZZ: Step = Step {
+    name: "fuzz",
+    what: "a seeded pass of the stream fuzzer over dist/ in the harness",
+    run: fuzz_pass,
+};
 const E2E_TESTS: Step = Step {
     name: "e2e tests",
     what: "cargo test -p eastwest-e2e against real Envoy",
@@ -120,10 +127,11 @@ pub fn test(ws: &Workspace, selection: Selection) -> Result<()> {
             WASM_BUILD,
             UNIT_TESTS,
             WASM_UNIT_TESTS,
+            FUZZ,
             E2E_TESTS,
             SOAK,
         ],
-        Selection::SkipE2e => &[FORMAT, LINT, WASM_BUILD, UNIT_TESTS, WASM_UNIT_TESTS],
+        Selection::SkipE2e => &[FORMAT, LINT, WASM_BUILD, UNIT_TESTS, WASM_UNIT_TESTS, FUZZ],
         Selection::OnlyE2e => &[WASM_BUILD, E2E_TESTS, SOAK],
     };
     let mut results: Vec<(&Step, Result<Outcome>, Duration)> = Vec::new();
@@ -281,6 +289,21 @@ fn node_path_with_host_stand_in() -> Result<std::ffi::OsString> {
     let existing_dirs = std::env::split_paths(&existing).filter(|dir| !dir.as_os_str().is_empty());
     let dirs = std::iter::once(stand_in_dir).chain(existing_dirs);
     std::env::join_paths(dirs).context("building NODE_PATH")
+}
+
+/// The debug build (the unit tests compiled the harness already): a release build of wasmtime
+/// would take longer than the pass itself.
+fn fuzz_pass(ws: &Workspace) -> Result<Outcome> {
+    let args = [
+        "--streams",
+        crate::fuzz::TEST_STREAMS,
+        "--seed",
+        crate::fuzz::TEST_SEED,
+        "--quiet",
+    ]
+    .map(String::from);
+    crate::fuzz::streams(ws, "", &args)?;
+    Ok(Outcome::Passed)
 }
 
 fn e2e_tests(ws: &Workspace) -> Result<Outcome> {
