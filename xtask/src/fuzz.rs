@@ -158,13 +158,14 @@ fn fuzz_parsers(ws: &Workspace, options: &Options) -> Result<()> {
         // The working corpus comes first: libFuzzer writes what it finds there, never into the
         // committed seeds.
         Cmd::new(&cargo_fuzz)
-            .args(["+nightly", "fuzz", "run", "--fuzz-dir"])
+            .args(["run", "--fuzz-dir"])
             .arg(&fuzz_dir)
             .arg(target)
             .arg(&work)
             .arg(&seeds)
             .arg("--")
             .arg(format!("-max_total_time={}", options.seconds))
+            .env("RUSTUP_TOOLCHAIN", "nightly")
             .current_dir(&ws.root)
             .run()
             .map_err(|e| {
@@ -181,9 +182,9 @@ fn relative<'a>(ws: &Workspace, path: &'a Path) -> &'a Path {
     path.strip_prefix(&ws.root).unwrap_or(path)
 }
 
-/// `cargo-fuzz` from .eastwest/tools, installed there from crates.io on first use. It runs as
-/// `cargo-fuzz +nightly fuzz ...` (cargo's own `+toolchain` syntax needs rustup's proxy, which
-/// a binary outside ~/.cargo/bin is not), so it is checked to exist and nightly to be present.
+/// `cargo-fuzz` from .eastwest/tools, installed there from crates.io on first use. It runs
+/// directly (`cargo-fuzz run ...`, not through cargo, which would not look in .eastwest/tools)
+/// with `RUSTUP_TOOLCHAIN=nightly`, so the cargo it starts builds with nightly.
 fn cargo_fuzz(ws: &Workspace) -> Result<PathBuf> {
     let root = ws.local_tools_dir().join("tools");
     let binary = root.join("bin").join("cargo-fuzz");

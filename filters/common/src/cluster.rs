@@ -37,10 +37,17 @@ pub fn destination_from_cluster(cluster: &[u8]) -> Option<Destination> {
         let host = rest.rsplit('|').next()?;
         return destination_from_host(host.as_bytes());
     }
+    label_sized(name)?;
     Some(Destination {
         service: name.to_string(),
         namespace: crate::labels::UNKNOWN.to_string(),
     })
+}
+
+/// A name longer than a label value may be is not one (found by `fuzz/parsers`' cluster_names:
+/// it would have become a budget and a metric tag no label could hold).
+fn label_sized(name: &str) -> Option<&str> {
+    (name.len() <= crate::labels::MAX_LABEL_VALUE_BYTES).then_some(name)
 }
 
 /// The destination service of a host name (`:authority` without the port, or the host of an
@@ -60,14 +67,25 @@ pub fn destination_from_host(authority: &[u8]) -> Option<Destination> {
         _ => (host, crate::labels::UNKNOWN),
     };
     Some(Destination {
-        service: service.to_string(),
-        namespace: namespace.to_string(),
+        service: label_sized(service)?.to_string(),
+        namespace: label_sized(namespace)?.to_string(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_longer_than_a_label_value_are_not_destinations() {
+        let long = "u".repeat(crate::labels::MAX_LABEL_VALUE_BYTES + 1);
+        assert_eq!(destination_from_host(long.as_bytes()), None);
+        assert_eq!(destination_from_cluster(long.as_bytes()), None);
+        let istio = format!("outbound|80||{long}.shop.svc.cluster.local");
+        assert_eq!(destination_from_cluster(istio.as_bytes()), None);
+        let fits = "u".repeat(crate::labels::MAX_LABEL_VALUE_BYTES);
+        assert!(destination_from_host(fits.as_bytes()).is_some());
+    }
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
