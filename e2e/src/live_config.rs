@@ -69,20 +69,56 @@ pub fn with_file_listeners(mut bootstrap: Value, lds_dir: &Path) -> Value {
 /// Writes `listeners` as the LDS file of `lds_dir`, atomically (a rename within the
 /// directory, which is also what makes Envoy reload).
 pub fn write_listeners(lds_dir: &Path, listeners: &[Value], version: u64) -> Result<()> {
-    let resources: Vec<Value> = listeners
+    write_resources(lds_dir, LDS_FILE, LISTENER_TYPE, listeners, version)
+}
+
+/// Writes `resources` (each given its `@type`) as the discovery file `file` of `dir`,
+/// atomically.
+fn write_resources(
+    dir: &Path,
+    file: &str,
+    type_url: &str,
+    resources: &[Value],
+    version: u64,
+) -> Result<()> {
+    let resources: Vec<Value> = resources
         .iter()
-        .map(|listener| {
-            let mut resource = listener.clone();
-            resource["@type"] = json!(LISTENER_TYPE);
+        .map(|resource| {
+            let mut resource = resource.clone();
+            resource["@type"] = json!(type_url);
             resource
         })
         .collect();
     let document = json!({"version_info": version.to_string(), "resources": resources});
-    let staging = lds_dir.join(format!(".{LDS_FILE}.{version}.tmp"));
+    let staging = dir.join(format!(".{file}.{version}.tmp"));
     std::fs::write(&staging, serde_json::to_vec_pretty(&document)?)
         .with_context(|| format!("cannot write {}", staging.display()))?;
-    std::fs::rename(&staging, lds_dir.join(LDS_FILE))
+    std::fs::rename(&staging, dir.join(file))
         .with_context(|| format!("cannot move {} into place", staging.display()))
+}
+
+/// The file an HTTP filter's configuration is discovered from (ECDS), in the watched
+/// directory.
+pub const ECDS_FILE: &str = "ecds.json";
+const EXTENSION_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+/// An HTTP filter entry whose configuration Envoy discovers from `<dir>/ecds.json` (extension
+/// config discovery, as Istio delivers WasmPlugins): `name` must match the resource's name
+/// ([`LiveEnvoy::push_filter`]).
+pub fn discovered_filter(name: &str, dir: &Path, type_url: &str) -> Value {
+    json!({
+        "name": name,
+        "config_discovery": {
+            "config_source": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": dir.join(ECDS_FILE).display().to_string(),
+                    "watched_directory": {"path": dir.display().to_string()},
+                },
+            },
+            "type_urls": [type_url],
+        },
+    })
 }
 
 /// An Envoy whose listeners are pushed through a watched file. Dropping it stops Envoy and
@@ -106,6 +142,47 @@ impl LiveEnvoy {
             .prefix(&format!("eastwest-lds-{name}-"))
             .tempdir()
             .context("cannot create the LDS directory")?;
+        Self::start_in(lds_dir, name, bootstrap, listeners, options)
+    }
+
+    /// Like [`Self::start`], with the HTTP filter `filter` (as [`crate::bootstrap::wasm_filter`]
+    /// builds it) discovered through ECDS from the same directory: `listener` gets the
+    /// discovering filter entry to put in its chain and returns the listener. Push new
+    /// configurations of the filter with [`Self::push_filter`].
+    pub fn start_discovering(
+        name: &str,
+        bootstrap: Value,
+        filter: &Value,
+        listener: impl FnOnce(Value) -> Value,
+        options: &EnvoyOptions,
+    ) -> Result<LiveEnvoy> {
+        let lds_dir = tempfile::Builder::new()
+            .prefix(&format!("eastwest-lds-{name}-"))
+            .tempdir()
+            .context("cannot create the LDS directory")?;
+        let filter_name = filter["name"].as_str().context("the filter has no name")?;
+        let type_url = filter["typed_config"]["@type"]
+            .as_str()
+            .context("the filter's typed_config has no @type")?;
+        let resource = json!({"name": filter_name, "typed_config": filter["typed_config"]});
+        write_resources(
+            lds_dir.path(),
+            ECDS_FILE,
+            EXTENSION_CONFIG_TYPE,
+            &[resource],
+            1,
+        )?;
+        let discovered = discovered_filter(filter_name, lds_dir.path(), type_url);
+        Self::start_in(lds_dir, name, bootstrap, &[listener(discovered)], options)
+    }
+
+    fn start_in(
+        lds_dir: tempfile::TempDir,
+        name: &str,
+        bootstrap: Value,
+        listeners: &[Value],
+        options: &EnvoyOptions,
+    ) -> Result<LiveEnvoy> {
         write_listeners(lds_dir.path(), listeners, 1)?;
         let envoy = Envoy::start(
             name,
@@ -155,6 +232,49 @@ impl LiveEnvoy {
             if Instant::now() > deadline {
                 bail!(
                     "Envoy `{}` neither accepted nor rejected listener version {version} within \
+                     {PUSH_TIMEOUT:?} (run dir {})",
+                    self.envoy.name(),
+                    self.envoy.run_dir().display()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Pushes a new configuration of the discovered HTTP filter `filter` (an HTTP filter
+    /// entry as [`crate::bootstrap::wasm_filter`] builds it: its `typed_config` becomes the
+    /// resource) and waits until Envoy took it or refused it
+    /// (`extension_config_discovery.http_filter.<name>.config_reload` / `config_fail`).
+    pub fn push_filter(&self, filter: &Value) -> Result<PushOutcome> {
+        let name = filter["name"].as_str().context("the filter has no name")?;
+        let stat = |what: &str| format!("extension_config_discovery.http_filter.{name}.{what}");
+        let counter = |name: &str| self.envoy.counter(name).unwrap_or(0);
+        let (reloaded, failed) = (
+            counter(&stat("config_reload")),
+            counter(&stat("config_fail")),
+        );
+        let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+        let resource = json!({"name": name, "typed_config": filter["typed_config"]});
+        write_resources(
+            self.lds_dir.path(),
+            ECDS_FILE,
+            EXTENSION_CONFIG_TYPE,
+            &[resource],
+            version,
+        )?;
+        let deadline = Instant::now() + PUSH_TIMEOUT;
+        loop {
+            let stats = self.envoy.stats()?;
+            let now = |name: &str| stats.get(name).copied().unwrap_or(0);
+            if now(&stat("config_fail")) > failed {
+                return Ok(PushOutcome::Rejected);
+            }
+            if now(&stat("config_reload")) > reloaded {
+                return Ok(PushOutcome::Accepted);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Envoy `{}` neither took nor refused configuration {version} of {name} within \
                      {PUSH_TIMEOUT:?} (run dir {})",
                     self.envoy.name(),
                     self.envoy.run_dir().display()

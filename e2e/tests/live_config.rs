@@ -54,11 +54,21 @@ fn eastwest_config(team: &str, dimensions: Option<&[&str]>, budget: Value) -> Va
     })
 }
 
-/// The outbound listener: retries (2, on 5xx) with the attempt count in the response, and
-/// eastwest.wasm from `module` in VM `vm_id` with `config`.
-fn outbound(port: u16, module: &std::path::Path, vm_id: &str, config: Value) -> Value {
+/// eastwest.wasm from `module` in VM `vm_id` with `config`, as an HTTP filter entry.
+fn eastwest_filter(module: &std::path::Path, vm_id: &str, config: Value) -> Value {
     let mut filter = wasm_filter("eastwest", module, config);
     filter["typed_config"]["config"]["vm_config"]["vm_id"] = json!(vm_id);
+    filter
+}
+
+/// The outbound listener with eastwest.wasm from `module` in VM `vm_id` with `config`.
+fn outbound(port: u16, module: &std::path::Path, vm_id: &str, config: Value) -> Value {
+    outbound_with(port, eastwest_filter(module, vm_id, config))
+}
+
+/// The outbound listener: retries (2, on 5xx) with the attempt count in the response, and
+/// `filter` before the router.
+fn outbound_with(port: u16, filter: Value) -> Value {
     ListenerBuilder::new("outbound", port, CLUSTER)
         .traffic_direction(TrafficDirection::Outbound)
         .stat_prefix("outbound")
@@ -73,22 +83,29 @@ fn outbound(port: u16, module: &std::path::Path, vm_id: &str, config: Value) -> 
         .build()
 }
 
-/// frontend's sidecar toward the app (as checkout), its listeners from a watched file.
-fn start_sidecar(name: &str, app: &TestApp, first: Value) -> Result<LiveEnvoy> {
+/// frontend's sidecar toward the app (as checkout), without listeners.
+fn sidecar_bootstrap(app: &TestApp) -> Result<Value> {
     let tags = fragments::stats_tags()?;
     let tags: Vec<(&str, &str)> = tags.iter().map(|(t, r)| (t.as_str(), r.as_str())).collect();
-    let config = bootstrap(
+    Ok(bootstrap(
         &Node::shop_sidecar("frontend", "web", "high"),
         free_port(),
         Vec::new(),
         vec![ClusterBuilder::new(CLUSTER, app.port()).build()],
         &tags,
-    );
-    let options = EnvoyOptions {
+    ))
+}
+
+fn sidecar_options() -> EnvoyOptions {
+    EnvoyOptions {
         extra_args: vec!["--drain-time-s".into(), DRAIN_SECONDS.to_string()],
         ..EnvoyOptions::default()
-    };
-    LiveEnvoy::start(name, config, &[first], &options)
+    }
+}
+
+/// frontend's sidecar with its listeners from a watched file, `first` the first.
+fn start_sidecar(name: &str, app: &TestApp, first: Value) -> Result<LiveEnvoy> {
+    LiveEnvoy::start(name, sidecar_bootstrap(app)?, &[first], &sidecar_options())
 }
 
 /// A steady open-loop load of `seconds` at 100 requests/s over 8 keep-alive connections.
@@ -434,5 +451,68 @@ fn a_new_module_version_takes_over_under_load_without_a_failed_request() -> Resu
     );
     let report = load.finish()?;
     assert_no_failed_request(&report, "load during a module version change")?;
+    Ok(())
+}
+
+#[test]
+fn a_filter_configuration_discovered_through_ecds_reaches_established_connections() -> Result<()> {
+    let app = TestApp::start()?;
+    let module = dist_wasm("eastwest")?;
+    let port = free_port();
+    let filter = |team: &str, budget_text: &str| {
+        eastwest_filter(
+            &module,
+            VM_ID,
+            eastwest_config(team, None, budget(budget_text)),
+        )
+    };
+    let envoy = LiveEnvoy::start_discovering(
+        "live-ecds",
+        sidecar_bootstrap(&app)?,
+        &filter("web", NO_RETRIES),
+        |discovered| outbound_with(port, discovered),
+        &sidecar_options(),
+    )?;
+    let mut kept = KeepAliveConnection::open(port)?;
+    ensure!(team_in_echo(&kept.get("/kept")?.1).as_deref() == Some("web"));
+    let load = steady_load(port, 10);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // A new configuration through ECDS: no listener change, no drain; the next request on an
+    // established connection already runs it.
+    ensure!(envoy.push_filter(&filter("billing", NO_RETRIES))? == PushOutcome::Accepted);
+    let took = time_until(
+        "team billing on the established connection",
+        VISIBLE_WITHIN,
+        || {
+            kept.get("/kept")
+                .is_ok_and(|(_, echo)| team_in_echo(&echo).as_deref() == Some("billing"))
+        },
+    )?;
+    println!("ECDS: the new labels on an established connection after {took:?}");
+    ensure!(envoy.push_filter(&filter("billing", AMPLE))? == PushOutcome::Accepted);
+    time_until("retry-budget admitting retries", VISIBLE_WITHIN, || {
+        attempts_for_failing_request(port).is_ok_and(|attempts| attempts == 3)
+    })?;
+
+    // An invalid one is refused; the last good one keeps serving.
+    ensure!(envoy.push_filter(&filter("oops", r#"{"ratio": -1}"#))? == PushOutcome::Rejected);
+    envoy.envoy().wait_for_log(
+        "eastwest: invalid configuration: retry_budget.ratio: -1 is outside 0..=100",
+        Duration::from_secs(5),
+    )?;
+    ensure!(team_in_echo(&kept.get("/kept")?.1).as_deref() == Some("billing"));
+    ensure!(stamped_team(port).as_deref() == Some("billing"));
+
+    let report = load.finish()?;
+    assert_no_failed_request(
+        &report,
+        "load during filter configuration changes through ECDS",
+    )?;
+    let stats = envoy.envoy().stats()?;
+    ensure!(
+        stats.get("listener_manager.listener_modified") == Some(&0),
+        "ECDS changed the listener: {stats:?}"
+    );
     Ok(())
 }
