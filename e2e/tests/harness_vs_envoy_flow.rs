@@ -10,7 +10,8 @@
 //! answers that arrive after the body (`flow-probe`); local replies decided after a callout or
 //! after reading the body (`flow-probe`, `path-gate`); local reply header order, plain and as
 //! gRPC trailers-only replies; bodies buffered within and past the 1 MiB buffer limit, request
-//! and response (`body-rewrite`); VMs, configurations and ticks per thread (`lifecycle`); two
+//! and response, and past it while another filter holds the response headers (a local 500)
+//! (`body-rewrite`); VMs, configurations and ticks per thread (`lifecycle`); two
 //! filters in one chain, one module twice and two modules (`filter-state`, `flow-probe`); gRPC
 //! calls (OK, error status, timeout, unknown cluster) and streams (`grpc-callout`); a gRPC-only
 //! filter with a plain POST and a gRPC request (`grpc-only`).
@@ -1409,4 +1410,61 @@ fn a_grpc_stream_answered_trailers_only_agrees_with_envoy() {
         in_envoy.logs
     );
     assert_eq!(in_harness, in_envoy.as_documented());
+}
+
+#[test]
+fn a_response_buffered_past_the_limit_while_its_headers_are_held_gets_500() {
+    // `flow-probe` holds the response headers for a callout while `body-rewrite` (after it in
+    // the chain, so before it on the response path) buffers the body: past the limit Envoy
+    // can still answer, with a local 500.
+    let probe = json!({"response_headers": "pause_callout"});
+    let rewrite = json!({"response": true});
+    let request =
+        Request::post("/echo", vec![b'y'; 2 * 1024 * 1024]).header("x-decide-delay-ms", "300");
+    let app = TestApp::start().unwrap();
+    let decider = TestApp::start().unwrap();
+    let envoy = envoy_with(
+        "flow-response-500",
+        vec![
+            sdk_filter("flow-probe", probe.clone()),
+            sdk_filter("body-rewrite", rewrite.clone()),
+        ],
+        &app,
+        vec![ClusterBuilder::new("decider", decider.port()).build()],
+        1,
+    );
+    let in_envoy = envoy.observe(&app, &request, &[], "done");
+    assert_eq!(in_envoy.status, Some(500));
+    assert_eq!(in_envoy.body, "Internal Server Error");
+    assert_eq!(in_envoy.details, "response_payload_too_large");
+
+    let mut h = Harness::chain(
+        vec![
+            chain_plugin("flow-probe", probe, "flow-probe"),
+            chain_plugin("body-rewrite", rewrite, "body-rewrite"),
+        ],
+        Options::default(),
+    )
+    .unwrap();
+    h.answer_http_calls("decider", decider_answer(200, 300));
+    let echo = vec![b'e'; request.body.len() + 300];
+    let upstream = Message::status(200)
+        .header("content-type", "application/json")
+        .header("content-length", &echo.len().to_string())
+        .body(echo);
+    let mut in_harness = harness_seen(&harness_run(&mut h, &request, upstream), &[]);
+    // The request body's chunks are what Envoy's socket delivered: compare the other lines.
+    let without_request_body = |logs: &[String]| -> Vec<String> {
+        logs.iter()
+            .filter(|line| !line.starts_with("request_body"))
+            .cloned()
+            .collect()
+    };
+    let mut in_envoy = in_envoy.as_documented();
+    in_envoy.logs = without_request_body(&in_envoy.logs);
+    in_harness.logs = without_request_body(&in_harness.logs);
+    // A local reply: only whether the app was reached can be compared.
+    in_harness.upstream_body = in_harness.upstream_body.map(|_| String::new());
+    in_envoy.upstream_body = in_envoy.upstream_body.map(|_| String::new());
+    assert_eq!(in_harness, in_envoy);
 }
