@@ -516,8 +516,6 @@ struct PendingGrpc {
     due_ns: Option<u64>,
     answer: GrpcAnswer,
     is_stream: bool,
-    /// Where the call's record is: (stream, index in its `grpc_calls`) or root (`None`, index).
-    record: (Option<StreamId>, usize),
 }
 
 enum Event {
@@ -542,6 +540,8 @@ pub struct Harness {
     grpc_answers: HashMap<String, GrpcAnswer>,
     pending_calls: Vec<PendingCall>,
     pending_grpc: Vec<PendingGrpc>,
+    /// Where each gRPC call's record is, by (VM, token): its stream (or root) and index.
+    grpc_records: HashMap<(usize, u32), (Option<StreamId>, usize)>,
     upstream_due: Vec<(StreamId, u64)>,
     actions: VecDeque<(usize, Deferred)>,
     pub traps: Vec<TrapRecord>,
@@ -609,6 +609,7 @@ impl Harness {
             grpc_answers: HashMap::new(),
             pending_calls: Vec::new(),
             pending_grpc: Vec::new(),
+            grpc_records: HashMap::new(),
             upstream_due: Vec::new(),
             actions: VecDeque::new(),
             traps: Vec::new(),
@@ -991,6 +992,7 @@ impl Harness {
                 }
                 (true, Some(answer)) => (via_upstream(answer), None),
             };
+            self.grpc_records.insert((vm, call.token), (stream, index));
             self.pending_grpc.push(PendingGrpc {
                 vm,
                 token: call.token,
@@ -998,7 +1000,6 @@ impl Harness {
                 due_ns,
                 answer,
                 is_stream,
-                record: (stream, index),
             });
         }
         for action in grpc_actions {
@@ -1007,54 +1008,47 @@ impl Harness {
                 | host::GrpcAction::Close { token }
                 | host::GrpcAction::Cancel { token } => *token,
             };
-            let Some(index) = self
-                .pending_grpc
-                .iter()
-                .position(|p| p.vm == vm && p.token == token)
-            else {
+            let Some(&(record_stream, record_index)) = self.grpc_records.get(&(vm, token)) else {
                 continue;
             };
-            let now = self.now_ns();
-            let pending = &mut self.pending_grpc[index];
-            let (record_stream, record_index) = pending.record;
-            let closed;
-            match action {
+            let record = match record_stream {
+                Some(id) => &mut self.streams[id].result.grpc_calls[record_index],
+                None => &mut self.root_grpc_calls[record_index],
+            };
+            let answered = self.grpc_answers.contains_key(&record.cluster);
+            let pending = self
+                .pending_grpc
+                .iter()
+                .position(|p| p.vm == vm && p.token == token);
+            // A stream's answer comes `delay_ms` after its first message, or its close.
+            let arm = match action {
                 host::GrpcAction::Send {
                     message,
                     end_stream,
                     ..
                 } => {
-                    let record = match record_stream {
-                        Some(id) => &mut self.streams[id].result.grpc_calls[record_index],
-                        None => &mut self.root_grpc_calls[record_index],
-                    };
                     record.messages.push(message);
-                    closed = end_stream;
-                    if self.grpc_answers.contains_key(&record.cluster) && pending.due_ns.is_none() {
-                        pending.due_ns = Some(now + pending.answer.delay_ms * 1_000_000);
-                    }
+                    record.closed |= end_stream;
+                    true
                 }
                 host::GrpcAction::Close { .. } => {
-                    closed = true;
-                    let cluster = match record_stream {
-                        Some(id) => &self.streams[id].result.grpc_calls[record_index].cluster,
-                        None => &self.root_grpc_calls[record_index].cluster,
-                    };
-                    if self.grpc_answers.contains_key(cluster) && pending.due_ns.is_none() {
-                        pending.due_ns = Some(now + pending.answer.delay_ms * 1_000_000);
-                    }
+                    record.closed = true;
+                    true
                 }
                 host::GrpcAction::Cancel { .. } => {
-                    closed = true;
-                    self.pending_grpc.remove(index);
+                    record.closed = true;
+                    if let Some(index) = pending {
+                        self.pending_grpc.remove(index);
+                    }
+                    false
                 }
-            }
-            if closed {
-                let record = match record_stream {
-                    Some(id) => &mut self.streams[id].result.grpc_calls[record_index],
-                    None => &mut self.root_grpc_calls[record_index],
-                };
-                record.closed = true;
+            };
+            if let (true, true, Some(index)) = (arm, answered, pending) {
+                let now = self.now_ns();
+                let pending = &mut self.pending_grpc[index];
+                if pending.due_ns.is_none() {
+                    pending.due_ns = Some(now + pending.answer.delay_ms * 1_000_000);
+                }
             }
         }
     }
@@ -1450,14 +1444,27 @@ impl Harness {
                         .position(|f| matches!(f, Frame::Data { .. }));
                     position.map(|p| lane.held.remove(p))
                 };
-                let mut body = match held {
-                    Some(Frame::Data {
-                        bytes: mut kept, ..
-                    }) => {
+                let buffered = match held {
+                    // What the filter's buffer holds now (it may have changed it meanwhile).
+                    Some(Frame::Data { bytes: kept, .. }) => Some(
+                        self.slot_data(id, slot)
+                            .map(|data| {
+                                if response {
+                                    data.response_body.clone()
+                                } else {
+                                    data.request_body.clone()
+                                }
+                            })
+                            .unwrap_or(kept),
+                    ),
+                    _ => None,
+                };
+                let mut body = match buffered {
+                    Some(mut kept) => {
                         kept.extend_from_slice(&bytes);
                         kept
                     }
-                    _ => bytes,
+                    None => bytes,
                 };
                 let length = body.len() as i32;
                 if let Some(data) = self.slot_data(id, slot) {
@@ -1478,13 +1485,15 @@ impl Harness {
                 if !self.live(id, direction) {
                     return;
                 }
+                // The body as the filter left it; while it holds the body, the filter's buffer
+                // stays readable and writable (a callout answer may rewrite it).
                 let body = self
                     .slot_data(id, slot)
                     .map(|data| {
                         if response {
-                            std::mem::take(&mut data.response_body)
+                            data.response_body.clone()
                         } else {
-                            std::mem::take(&mut data.request_body)
+                            data.request_body.clone()
                         }
                     })
                     .unwrap_or_default();
@@ -1553,8 +1562,14 @@ impl Harness {
     fn close_maps(&mut self, id: StreamId, slot: usize, direction: Direction) {
         if let Some(data) = self.slot_data(id, slot) {
             match direction {
-                Direction::Request => data.request_open = false,
-                Direction::Response => data.response_open = false,
+                Direction::Request => {
+                    data.request_open = false;
+                    data.request_body.clear();
+                }
+                Direction::Response => {
+                    data.response_open = false;
+                    data.response_body.clear();
+                }
             }
         }
     }
@@ -1601,9 +1616,7 @@ impl Harness {
                 let lane = self.lane(id, slot, direction);
                 for frame in lane.held.iter_mut() {
                     if let Frame::Data { bytes, .. } = frame {
-                        if !body.is_empty() {
-                            *bytes = body.clone();
-                        }
+                        *bytes = body.clone();
                     }
                 }
             }
