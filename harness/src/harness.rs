@@ -1331,6 +1331,9 @@ impl Harness {
                 }
             }
             self.process(id, slot, next, direction, frame);
+            // Envoy runs what the callback deferred (a local reply, a continue) as soon as the
+            // VM call returns, before the event goes further.
+            self.pump();
             return true;
         }
         let Some(&first) = order.first() else {
