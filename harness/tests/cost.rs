@@ -20,17 +20,21 @@ fn module(name: &str) -> Option<Vec<u8>> {
 }
 
 /// Instructions of the typical request (`eastwest-harness bench`'s), by module and direction,
-/// as measured: eastwest.wasm 6,267 / 5,996, label-enrich 4,207 / 4,148, retry-budget
-/// 2,049 / 4,384, telemetry 3,398 / 4,751 (outbound / inbound).
+/// as measured: eastwest.wasm 6,868 / 5,853, label-enrich 4,891 / 4,006, retry-budget
+/// 2,072 / 4,121, telemetry 4,212 / 4,481 (outbound / inbound). The outbound ceilings went up
+/// by 650 (eastwest), 750 (label-enrich) and 900 (telemetry) with issue 11: every value of
+/// `x-eastwest-peer` is read, which takes the response's header map (about 700 instructions
+/// more, after making the name comparison of every header-map scan cheaper); the inbound ones
+/// went down.
 const CEILINGS: [(&str, Direction, u64); 8] = [
-    ("eastwest", Direction::Outbound, 6_900),
-    ("eastwest", Direction::Inbound, 6_600),
-    ("label-enrich", Direction::Outbound, 4_650),
-    ("label-enrich", Direction::Inbound, 4_600),
+    ("eastwest", Direction::Outbound, 7_550),
+    ("eastwest", Direction::Inbound, 6_450),
+    ("label-enrich", Direction::Outbound, 5_400),
+    ("label-enrich", Direction::Inbound, 4_400),
     ("retry-budget", Direction::Outbound, 2_300),
-    ("retry-budget", Direction::Inbound, 4_850),
-    ("telemetry", Direction::Outbound, 3_750),
-    ("telemetry", Direction::Inbound, 5_250),
+    ("retry-budget", Direction::Inbound, 4_550),
+    ("telemetry", Direction::Outbound, 4_650),
+    ("telemetry", Direction::Inbound, 4_950),
 ];
 
 #[test]

@@ -109,6 +109,11 @@ impl HeaderMap {
     pub fn values(&self, name: &str) -> Option<Vec<&[u8]>> {
         header_pairs::values_in(&self.0, name)
     }
+
+    /// Every value of each header in `names`, in one pass over the map.
+    pub fn values_of_each<const N: usize>(&self, names: [&str; N]) -> Option<[Vec<&[u8]>; N]> {
+        header_pairs::values_in_each(&self.0, names)
+    }
 }
 
 /// The whole header map, to read several values of a header from.
@@ -569,14 +574,12 @@ impl Resolver {
         }
         let identity = downstream_identity_raw(self.settings.peer_trust);
         let headers = header_map(MapType::HttpRequestHeaders).ok();
-        let values = |name: &str| {
-            headers
-                .as_ref()
-                .and_then(|headers| headers.values(name))
-                .unwrap_or_default()
-        };
-        let baggage = values("baggage");
-        let peer_metadata = values(crate::peer::ISTIO_PEER_METADATA_HEADER);
+        let [baggage, peer_metadata] = headers
+            .as_ref()
+            .and_then(|headers| {
+                headers.values_of_each(["baggage", crate::peer::ISTIO_PEER_METADATA_HEADER])
+            })
+            .unwrap_or_default();
         let resolution = self.inbound(&baggage, &peer_metadata, &identity);
         (
             resolution.source.clone(),

@@ -239,11 +239,13 @@ impl LabelEnrich {
     fn inbound_request(&self, exchange: &mut Exchange) {
         let identity = host::downstream_identity_raw(self.resolver.settings.peer_trust);
         let headers = self.headers(MapType::HttpRequestHeaders);
-        let values = self.baggage(&headers);
-        // Every value: a second one would otherwise go on uninspected.
-        let peer_metadata = headers
-            .values(ISTIO_PEER_METADATA_HEADER)
-            .unwrap_or_default();
+        // Every value of both: a second one would otherwise go on uninspected.
+        let [values, peer_metadata] = headers
+            .values_of_each([BAGGAGE, ISTIO_PEER_METADATA_HEADER])
+            .unwrap_or_else(|| {
+                self.count(Problem::HostCall, 1);
+                Default::default()
+            });
         let resolution = self.resolver.inbound(&values, &peer_metadata, &identity);
         let decision = &resolution.decision;
         self.count_problems(&decision.problems, "caller input");
