@@ -487,6 +487,69 @@ fn istio_peer_metadata_supplies_caller_labels(module: ModuleUnderTest) {
 
 for_each_module!(istio_peer_metadata_supplies_caller_labels);
 
+/// Istio's peer metadata for `app` in `namespace`, as the header carries it.
+fn peer_metadata_header(namespace: &str, app: &str) -> String {
+    let string = |value: &str| prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(value.into())),
+    };
+    let labels = prost_types::Struct {
+        fields: [("app".to_string(), string(app))].into(),
+    };
+    let metadata = prost_types::Struct {
+        fields: [
+            ("NAMESPACE".to_string(), string(namespace)),
+            (
+                "LABELS".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StructValue(labels)),
+                },
+            ),
+        ]
+        .into(),
+    };
+    base64::engine::general_purpose::STANDARD.encode(metadata.encode_to_vec())
+}
+
+fn peer_metadata_contradicting_the_certificate_is_refused_and_removed(module: ModuleUnderTest) {
+    let mesh = Mesh::start(
+        "le-peer-metadata",
+        MeshOptions {
+            module,
+            peer_trust: "mtls",
+            caller_cert_namespace: Some("shop"),
+        },
+    )
+    .unwrap();
+    // The caller's certificate proves ns/shop; the blob claims kube-system.
+    let forged = peer_metadata_header("kube-system", "admin");
+    let response = mesh.call(&[("x-envoy-peer-metadata", forged.as_bytes())]);
+    assert_eq!(
+        app_saw(&response, "x-eastwest-source"),
+        vec![CALLER_LABELS.to_string()]
+    );
+    assert!(app_saw(&response, "x-envoy-peer-metadata").is_empty());
+    // Two values, one of them honest: neither is used, both are removed.
+    let honest = peer_metadata_header("shop", "frontend");
+    let response = mesh.call(&[
+        ("x-envoy-peer-metadata", honest.as_bytes()),
+        ("x-envoy-peer-metadata", forged.as_bytes()),
+    ]);
+    assert!(app_saw(&response, "x-envoy-peer-metadata").is_empty());
+    for reason in ["peer_metadata_mismatch", "repeated_header"] {
+        assert_eq!(
+            prometheus_counter(
+                &mesh.callee,
+                "eastwest_label_enrich_claims_refused_total",
+                &[("peer", "source"), ("reason", reason)]
+            ),
+            1,
+            "{reason}"
+        );
+    }
+}
+
+for_each_module!(peer_metadata_contradicting_the_certificate_is_refused_and_removed);
+
 fn invalid_configuration_is_refused_with_the_field_named(module: ModuleUnderTest) {
     let cases = [
         (

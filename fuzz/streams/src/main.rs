@@ -290,7 +290,7 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
     failures.dedup_by_key(|(config, _)| *config);
     if !args.quiet || !failures.is_empty() {
         println!(
-            "\n{:<26} {:<14} {:>9} {:>6} {:>12} {:>10} {:>14}",
+            "\n{:<44} {:<13} {:>7} {:>6} {:>12} {:>10} {:>14}",
             "configuration",
             "module",
             "streams",
@@ -301,7 +301,7 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
         );
         for (config, tally) in configs.iter().zip(&tallies) {
             println!(
-                "{:<26} {:<14} {:>9} {:>6} {:>12} {:>10} {:>14}",
+                "{:<44} {:<13} {:>7} {:>6} {:>12} {:>10} {:>14}",
                 config.name,
                 config.module,
                 tally.streams,
@@ -317,9 +317,13 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
     }
     let streams: u64 = tallies.iter().map(|t| t.streams).sum();
     let bound_checks: u64 = tallies.iter().map(|t| t.bound_checks).sum();
+    let traps = failures
+        .iter()
+        .filter(|(_, failure)| failure.what.starts_with("trap"))
+        .count();
     println!(
-        "\n{streams} streams in {:.1}s ({:.0} streams/s), seed {}: {} failures, 0 traps unless \
-         listed, {bound_checks} bound checks",
+        "\n{streams} streams in {:.1}s ({:.0} streams/s), seed {}: {} failures ({traps} traps), \
+         {bound_checks} bound checks",
         took.as_secs_f64(),
         streams as f64 / took.as_secs_f64().max(1e-9),
         args.seed,
