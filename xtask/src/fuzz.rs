@@ -43,7 +43,7 @@ pub const PARSER_TARGETS: [&str; 6] = [
 
 /// The seeded pass `cargo xtask test` runs: every configuration, a thousand streams each, in the
 /// debug build the unit tests already compiled (well within a minute).
-pub const TEST_STREAMS: &str = "23000";
+pub const TEST_STREAMS: &str = "25000";
 pub const TEST_SEED: &str = "20261130";
 
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use eastwest_harness::{Harness, HarnessError, Options};
+use eastwest_harness::{Harness, HarnessError, Options, Plugin};
 use serde_json::{json, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +44,9 @@ pub struct FuzzConfig {
     /// The file stem under dist/.
     pub module: &'static str,
     pub config: Value,
+    /// Modules after it in one filter chain (file stem, configuration): they read what
+    /// label-enrich published in filter state, so their metrics and budgets show it.
+    pub then: Vec<(&'static str, Value)>,
     pub workers: usize,
     pub direction: Direction,
     pub trust: Trust,
@@ -79,17 +82,32 @@ impl FuzzConfig {
         json!({ "xds": xds })
     }
 
-    pub fn harness(&self, wasm: &[u8]) -> Result<Harness, HarnessError> {
-        Harness::new(
-            wasm,
-            Options {
-                config: self.config.to_string().into_bytes(),
-                properties: self.properties(),
-                workers: self.workers,
-                fuel_per_callback: FUEL_PER_CALLBACK,
-                ..Options::default()
-            },
-        )
+    /// Every module of the configuration, in chain order (file stems under dist/).
+    pub fn modules(&self) -> Vec<&'static str> {
+        std::iter::once(self.module)
+            .chain(self.then.iter().map(|(module, _)| *module))
+            .collect()
+    }
+
+    /// A harness running the modules (`wasm`, in the order of [`FuzzConfig::modules`]).
+    pub fn harness(&self, wasm: &[Vec<u8>]) -> Result<Harness, HarnessError> {
+        let options = Options {
+            config: self.config.to_string().into_bytes(),
+            properties: self.properties(),
+            workers: self.workers,
+            fuel_per_callback: FUEL_PER_CALLBACK,
+            ..Options::default()
+        };
+        if self.then.is_empty() {
+            return Harness::new(&wasm[0], options);
+        }
+        let configs = std::iter::once(&self.config).chain(self.then.iter().map(|(_, c)| c));
+        let plugins = wasm
+            .iter()
+            .zip(configs)
+            .map(|(wasm, config)| Plugin::new(wasm.clone(), config.to_string()))
+            .collect();
+        Harness::chain(plugins, options)
     }
 
     /// Shared-data keys (one per budget subject) all VMs together may hold: each VM its
@@ -181,6 +199,7 @@ pub fn all() -> Vec<FuzzConfig> {
             ),
             module: "label-enrich",
             config,
+            then: Vec::new(),
             workers,
             direction,
             trust,
@@ -217,6 +236,7 @@ pub fn all() -> Vec<FuzzConfig> {
             ),
             module: "telemetry",
             config,
+            then: Vec::new(),
             workers,
             direction,
             trust,
@@ -252,6 +272,7 @@ pub fn all() -> Vec<FuzzConfig> {
                 "mode": mode_name(mode), "peer_trust": trust_name(trust),
                 "max_budgets": max_budgets, "ttl_seconds": 2, "destinations": destinations(),
             }),
+            then: Vec::new(),
             workers,
             direction,
             trust,
@@ -301,6 +322,7 @@ pub fn all() -> Vec<FuzzConfig> {
             ),
             module: "eastwest",
             config,
+            then: Vec::new(),
             workers,
             direction,
             trust,
@@ -310,13 +332,51 @@ pub fn all() -> Vec<FuzzConfig> {
             retry_budget: Some((mode, max_budgets)),
         });
     }
+    // The three separate modules chained, as the shipped chains run them: telemetry and
+    // retry-budget take the labels from label-enrich's filter state.
+    for (direction, mode, workers) in [
+        (Direction::Inbound, Mode::Server, 1),
+        (Direction::Outbound, Mode::ClientHeaders, 2),
+    ] {
+        let name = direction_name(direction).unwrap_or("both");
+        configs.push(FuzzConfig {
+            name: format!("chain/{name}/mtls/{}/tiny", mode_name(mode)),
+            module: "label-enrich",
+            config: json!({"direction": name, "trust_domain": TRUST_DOMAIN}),
+            then: vec![
+                (
+                    "telemetry",
+                    json!({"direction": name, "max_series": 6,
+                           "dimensions": ["reporter", "source_service", "source_namespace",
+                                          "destination_service", "destination_namespace"]}),
+                ),
+                (
+                    "retry-budget",
+                    json!({"mode": mode_name(mode), "max_budgets": 2, "ttl_seconds": 2,
+                           "destinations": destinations()}),
+                ),
+            ],
+            workers,
+            direction,
+            trust: Trust::Mtls,
+            trust_domain: Some(TRUST_DOMAIN),
+            label_enrich: true,
+            max_series: Some(6),
+            retry_budget: Some((mode, 2)),
+        });
+    }
     configs
 }
 
-/// The configurations of the modules present in `dist`.
+/// The configurations whose modules are all present in `dist`.
 pub fn available(dist: &Path) -> Vec<FuzzConfig> {
     all()
         .into_iter()
-        .filter(|config| dist.join(format!("{}.wasm", config.module)).is_file())
+        .filter(|config| {
+            config
+                .modules()
+                .iter()
+                .all(|module| dist.join(format!("{module}.wasm")).is_file())
+        })
         .collect()
 }

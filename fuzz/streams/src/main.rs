@@ -140,7 +140,18 @@ fn main() {
     }
     if args.list {
         for config in &configs {
-            println!("{:<28} {} {}", config.name, config.module, config.config);
+            let then: Vec<String> = config
+                .then
+                .iter()
+                .map(|(module, json)| format!(" -> {module} {json}"))
+                .collect();
+            println!(
+                "{:<44} {} {}{}",
+                config.name,
+                config.module,
+                config.config,
+                then.concat()
+            );
         }
         return;
     }
@@ -230,7 +241,7 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
         per_config * configs.len() as u64,
         args.threads
     );
-    let wasm: Vec<Vec<u8>> = match configs
+    let wasm: Vec<Vec<Vec<u8>>> = match configs
         .iter()
         .map(|config| wasm::load(&args.dist, config, args.memory_cap_pages))
         .collect::<Result<_, _>>()
@@ -303,7 +314,11 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
             println!(
                 "{:<44} {:<13} {:>7} {:>6} {:>12} {:>10} {:>14}",
                 config.name,
-                config.module,
+                if config.then.is_empty() {
+                    config.module
+                } else {
+                    "chain"
+                },
                 tally.streams,
                 failures
                     .iter()
@@ -388,7 +403,7 @@ fn run_batch(
     seed: u64,
     config_index: usize,
     config: &FuzzConfig,
-    wasm: &[u8],
+    wasm: &[Vec<u8>],
     streams: std::ops::Range<u64>,
     verbose: Option<u64>,
     bounds_every: u64,

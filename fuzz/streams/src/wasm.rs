@@ -12,10 +12,17 @@ use crate::configs::FuzzConfig;
 /// configurations use (up to 10,000 series or budgets per VM, the label memos) fit well within.
 pub const MEMORY_CAP_PAGES: u64 = 512;
 
-pub fn load(dist: &Path, config: &FuzzConfig, cap_pages: u64) -> Result<Vec<u8>, String> {
-    let path = dist.join(format!("{}.wasm", config.module));
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    cap_memory(&bytes, cap_pages).map_err(|e| format!("{}: {e}", path.display()))
+/// Every module of `config`, in chain order, memory capped.
+pub fn load(dist: &Path, config: &FuzzConfig, cap_pages: u64) -> Result<Vec<Vec<u8>>, String> {
+    config
+        .modules()
+        .into_iter()
+        .map(|module| {
+            let path = dist.join(format!("{module}.wasm"));
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            cap_memory(&bytes, cap_pages).map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect()
 }
 
 /// The module with every memory's maximum set to `max_pages` (or its initial size, if larger).
