@@ -1393,20 +1393,9 @@ impl Harness {
                     self.streams[id].slots[slot].started = true;
                 }
                 if let Some(data) = self.slot_data(id, slot) {
-                    if response {
-                        data.response_open = true;
-                    } else {
-                        data.request_open = true;
-                    }
+                    data.set_open(response, true);
                 }
-                let n = {
-                    let maps = self.streams[id].maps.borrow();
-                    if response {
-                        maps.response_headers.len()
-                    } else {
-                        maps.request_headers.len()
-                    }
-                } as i32;
+                let n = self.streams[id].maps.borrow().headers(response).len() as i32;
                 let callback = if response {
                     "proxy_on_response_headers"
                 } else {
@@ -1451,13 +1440,7 @@ impl Harness {
                     // What the filter's buffer holds now (it may have changed it meanwhile).
                     Some(Frame::Data { bytes: kept, .. }) => Some(
                         self.slot_data(id, slot)
-                            .map(|data| {
-                                if response {
-                                    data.response_body.clone()
-                                } else {
-                                    data.request_body.clone()
-                                }
-                            })
+                            .map(|data| data.body(response).clone())
                             .unwrap_or(kept),
                     ),
                     _ => None,
@@ -1471,13 +1454,8 @@ impl Harness {
                 };
                 let length = body.len() as i32;
                 if let Some(data) = self.slot_data(id, slot) {
-                    if response {
-                        data.response_body = std::mem::take(&mut body);
-                        data.response_open = true;
-                    } else {
-                        data.request_body = std::mem::take(&mut body);
-                        data.request_open = true;
-                    }
+                    *data.body(response) = std::mem::take(&mut body);
+                    data.set_open(response, true);
                 }
                 let callback = if response {
                     "proxy_on_response_body"
@@ -1492,13 +1470,7 @@ impl Harness {
                 // stays readable and writable (a callout answer may rewrite it).
                 let body = self
                     .slot_data(id, slot)
-                    .map(|data| {
-                        if response {
-                            data.response_body.clone()
-                        } else {
-                            data.request_body.clone()
-                        }
-                    })
+                    .map(|data| data.body(response).clone())
                     .unwrap_or_default();
                 let frame = Frame::Data { bytes: body, end };
                 match r.unwrap_or(0) {
@@ -1527,20 +1499,9 @@ impl Harness {
             }
             Frame::Trailers => {
                 if let Some(data) = self.slot_data(id, slot) {
-                    if response {
-                        data.response_open = true;
-                    } else {
-                        data.request_open = true;
-                    }
+                    data.set_open(response, true);
                 }
-                let n = {
-                    let maps = self.streams[id].maps.borrow();
-                    if response {
-                        maps.response_trailers.len()
-                    } else {
-                        maps.request_trailers.len()
-                    }
-                } as i32;
+                let n = self.streams[id].maps.borrow().trailers(response).len() as i32;
                 let callback = if response {
                     "proxy_on_response_trailers"
                 } else {
@@ -1563,17 +1524,10 @@ impl Harness {
 
     /// Envoy forgets a filter's maps and buffers once it lets the direction continue.
     fn close_maps(&mut self, id: StreamId, slot: usize, direction: Direction) {
+        let response = direction == Direction::Response;
         if let Some(data) = self.slot_data(id, slot) {
-            match direction {
-                Direction::Request => {
-                    data.request_open = false;
-                    data.request_body.clear();
-                }
-                Direction::Response => {
-                    data.response_open = false;
-                    data.response_body.clear();
-                }
-            }
+            data.set_open(response, false);
+            data.body(response).clear();
         }
     }
 
@@ -1611,10 +1565,10 @@ impl Harness {
         };
         // A buffered body goes on as the filter left it in its buffer.
         if held_body.is_some() {
-            let body = self.slot_data(id, slot).map(|data| match direction {
-                Direction::Request => data.request_body.clone(),
-                Direction::Response => data.response_body.clone(),
-            });
+            let response = direction == Direction::Response;
+            let body = self
+                .slot_data(id, slot)
+                .map(|data| data.body(response).clone());
             if let Some(body) = body {
                 let lane = self.lane(id, slot, direction);
                 for frame in lane.held.iter_mut() {
@@ -1633,23 +1587,16 @@ impl Harness {
     /// with the headers (the upstream is reached even if the body never follows); the upstream
     /// answers once the request is complete.
     fn leave_for_upstream(&mut self, id: StreamId, frame: Frame) {
-        let maps = self.streams[id].maps.clone();
         let s = &mut self.streams[id];
+        let maps = s.maps.borrow();
         let upstream = s.upstream.get_or_insert_with(Message::default);
-        let end = match frame {
-            Frame::Headers { end } => {
-                upstream.headers = maps.borrow().request_headers.clone();
-                end
-            }
-            Frame::Data { bytes, end } => {
-                upstream.body.extend_from_slice(&bytes);
-                end
-            }
-            Frame::Trailers => {
-                upstream.trailers = maps.borrow().request_trailers.clone();
-                true
-            }
-        };
+        let end = append_frame(
+            upstream,
+            frame,
+            &maps.request_headers,
+            &maps.request_trailers,
+        );
+        drop(maps);
         s.result.upstream_request = s.upstream.clone();
         if end {
             self.send_upstream(id);
@@ -1658,23 +1605,16 @@ impl Harness {
 
     /// A frame leaves the chain towards the client.
     fn leave_for_client(&mut self, id: StreamId, frame: Frame) {
-        let maps = self.streams[id].maps.clone();
         let s = &mut self.streams[id];
+        let maps = s.maps.borrow();
         let downstream = s.downstream.get_or_insert_with(Message::default);
-        let end = match frame {
-            Frame::Headers { end } => {
-                downstream.headers = maps.borrow().response_headers.clone();
-                end
-            }
-            Frame::Data { bytes, end } => {
-                downstream.body.extend_from_slice(&bytes);
-                end
-            }
-            Frame::Trailers => {
-                downstream.trailers = maps.borrow().response_trailers.clone();
-                true
-            }
-        };
+        let end = append_frame(
+            downstream,
+            frame,
+            &maps.response_headers,
+            &maps.response_trailers,
+        );
+        drop(maps);
         if end {
             let response = s.downstream.clone();
             s.result.downstream_response = response;
@@ -2300,6 +2240,25 @@ impl Harness {
                     .unwrap_or(0)
             })
             .collect()
+    }
+}
+
+/// Adds a frame to the message a peer receives (headers and trailers as the stream's maps hold
+/// them when the frame leaves the filters); true at the end of the message.
+fn append_frame(message: &mut Message, frame: Frame, headers: &Pairs, trailers: &Pairs) -> bool {
+    match frame {
+        Frame::Headers { end } => {
+            message.headers = headers.clone();
+            end
+        }
+        Frame::Data { bytes, end } => {
+            message.body.extend_from_slice(&bytes);
+            end
+        }
+        Frame::Trailers => {
+            message.trailers = trailers.clone();
+            true
+        }
     }
 }
 

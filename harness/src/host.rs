@@ -85,6 +85,45 @@ pub struct StreamData {
     pub access_log: bool,
 }
 
+impl StreamMaps {
+    /// The request's or the response's headers.
+    pub fn headers(&self, response: bool) -> &Pairs {
+        if response {
+            &self.response_headers
+        } else {
+            &self.request_headers
+        }
+    }
+
+    pub fn trailers(&self, response: bool) -> &Pairs {
+        if response {
+            &self.response_trailers
+        } else {
+            &self.request_trailers
+        }
+    }
+}
+
+impl StreamData {
+    /// The filter's request or response body buffer.
+    pub fn body(&mut self, response: bool) -> &mut Vec<u8> {
+        if response {
+            &mut self.response_body
+        } else {
+            &mut self.request_body
+        }
+    }
+
+    /// Exposes (or hides) the request's or the response's maps and buffer to the filter.
+    pub fn set_open(&mut self, response: bool, open: bool) {
+        if response {
+            self.response_open = open;
+        } else {
+            self.request_open = open;
+        }
+    }
+}
+
 /// A gRPC call or stream the filter opened during the last callback.
 #[derive(Clone, Debug)]
 pub struct NewGrpcCall {
