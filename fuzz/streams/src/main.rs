@@ -233,11 +233,11 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
          each ({} in all), {} threads",
         args.seed,
         configs.len(),
-        {
-            let mut modules: Vec<&str> = configs.iter().map(|c| c.module).collect();
-            modules.dedup();
-            modules.len()
-        },
+        configs
+            .iter()
+            .flat_map(FuzzConfig::modules)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
         per_config * configs.len() as u64,
         args.threads
     );
