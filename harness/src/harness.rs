@@ -1583,9 +1583,10 @@ impl Harness {
         self.drive(id);
     }
 
-    /// A frame leaves the chain towards the upstream. The router opens the upstream request
-    /// with the headers (the upstream is reached even if the body never follows); the upstream
-    /// answers once the request is complete.
+    /// A frame leaves the chain towards the upstream. Envoy's router opens the upstream request
+    /// with the headers, but an application sees a request once it is complete: a request
+    /// answered locally before its end (413, a decision on the body) never reached it. The
+    /// upstream answers once the request is complete.
     fn leave_for_upstream(&mut self, id: StreamId, frame: Frame) {
         let s = &mut self.streams[id];
         let maps = s.maps.borrow();
@@ -1597,8 +1598,8 @@ impl Harness {
             &maps.request_trailers,
         );
         drop(maps);
-        s.result.upstream_request = s.upstream.clone();
         if end {
+            s.result.upstream_request = s.upstream.clone();
             self.send_upstream(id);
         }
     }
