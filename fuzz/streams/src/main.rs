@@ -114,6 +114,8 @@ struct Tally {
     bound_checks: u64,
     local_replies: u64,
     max_instructions: u64,
+    /// The largest linear memory of any VM at a bound check, in bytes.
+    max_memory: usize,
 }
 
 /// A property that did not hold.
@@ -284,6 +286,7 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
                         total.bound_checks += tally.bound_checks;
                         total.local_replies += tally.local_replies;
                         total.max_instructions = total.max_instructions.max(tally.max_instructions);
+                        total.max_memory = total.max_memory.max(tally.max_memory);
                     }
                     Err(failure) => {
                         failed[unit.config].store(true, Ordering::Relaxed);
@@ -301,18 +304,19 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
     failures.dedup_by_key(|(config, _)| *config);
     if !args.quiet || !failures.is_empty() {
         println!(
-            "\n{:<44} {:<13} {:>7} {:>6} {:>12} {:>10} {:>14}",
+            "\n{:<44} {:<13} {:>7} {:>6} {:>12} {:>10} {:>14} {:>12}",
             "configuration",
             "module",
             "streams",
             "traps",
             "bound checks",
             "local 503",
-            "max instr/str"
+            "max instr/str",
+            "max VM MiB"
         );
         for (config, tally) in configs.iter().zip(&tallies) {
             println!(
-                "{:<44} {:<13} {:>7} {:>6} {:>12} {:>10} {:>14}",
+                "{:<44} {:<13} {:>7} {:>6} {:>12} {:>10} {:>14} {:>12.1}",
                 config.name,
                 if config.then.is_empty() {
                     config.module
@@ -326,7 +330,8 @@ fn run(args: &Args, configs: &[FuzzConfig]) -> i32 {
                     .count(),
                 tally.bound_checks,
                 tally.local_replies,
-                tally.max_instructions
+                tally.max_instructions,
+                tally.max_memory as f64 / (1024.0 * 1024.0)
             );
         }
     }
@@ -440,6 +445,8 @@ fn run_batch(
         if (stream + 1) % bounds_every == 0 || last {
             tally.bound_checks += 1;
             check::bounds(config, &h).map_err(|what| Failure { stream, what })?;
+            let largest = h.memory_sizes().into_iter().max().unwrap_or(0);
+            tally.max_memory = tally.max_memory.max(largest);
         }
     }
     Ok(tally)
