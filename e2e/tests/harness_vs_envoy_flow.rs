@@ -14,7 +14,8 @@
 //! (`body-rewrite`); VMs, configurations and ticks per thread (`lifecycle`); two
 //! filters in one chain, one module twice and two modules (`filter-state`, `flow-probe`); gRPC
 //! calls (OK, error status, timeout, unknown cluster) and streams (`grpc-callout`); a gRPC-only
-//! filter with a plain POST and a gRPC request (`grpc-only`).
+//! filter with a plain POST and a gRPC request (`grpc-only`); a filter that panics (reading the
+//! request headers from a response callback) failing its stream and the next (FAIL_CLOSED).
 //!
 //! Not compared, because Envoy's codec or router adds them and the harness does not claim to:
 //! `date`, `server`, `x-envoy-upstream-service-time`, `connection`, `transfer-encoding`.
@@ -260,7 +261,7 @@ fn fold_empty_end_of_stream(lines: Vec<String>) -> Vec<String> {
 impl EnvoyUnderTest {
     /// Sends `request` and observes it; `upstream_names` are the request headers to report
     /// as the upstream received them. `wait_for_line` starts the last log line the stream
-    /// writes.
+    /// writes (empty: the stream writes none).
     fn observe(
         &self,
         app: &TestApp,
@@ -300,9 +301,9 @@ impl EnvoyUnderTest {
                 .skip(access_before)
                 .map(str::to_string)
                 .collect();
-            if (lines.iter().any(|line| line.starts_with(wait_for_line)) && !access.is_empty())
-                || Instant::now() > deadline
-            {
+            let last_line_seen = wait_for_line.is_empty()
+                || lines.iter().any(|line| line.starts_with(wait_for_line));
+            if (last_line_seen && !access.is_empty()) || Instant::now() > deadline {
                 break (lines, access);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -1467,4 +1468,52 @@ fn a_response_buffered_past_the_limit_while_its_headers_are_held_gets_500() {
     in_harness.upstream_body = in_harness.upstream_body.map(|_| String::new());
     in_envoy.upstream_body = in_envoy.upstream_body.map(|_| String::new());
     assert_eq!(in_harness, in_envoy);
+}
+
+#[test]
+fn a_filter_that_panics_fails_its_stream_and_the_next_one_as_in_envoy() {
+    // Request headers are gone in the response callbacks; the SDK panics on the host's answer.
+    // FAIL_CLOSED: Envoy answers 503 (details wasm_fail_stream) and the VM stays failed, so
+    // the next request on that worker gets a 503 without reaching the app.
+    let config = json!({"response_headers": "read_request_path"});
+    let app = TestApp::start().unwrap();
+    let envoy = envoy_with(
+        "flow-panic",
+        vec![sdk_filter("flow-probe", config.clone())],
+        &app,
+        vec![],
+        1,
+    );
+    let mut h = harness("flow-probe", config);
+    let first = Request::get("/first");
+    let (in_envoy, answer) =
+        envoy.observe_with_answer(&app, &first, &[], "response_headers status=200");
+    let result = harness_run(&mut h, &first, answer_or_stand_in(answer));
+    assert_eq!(in_envoy.status, Some(503));
+    assert!(!h.traps.is_empty(), "the harness records the trap");
+    // Envoy logs the panic message (critical) and the failed call, after the filter's lines.
+    let logged: Vec<String> = in_envoy
+        .logs
+        .iter()
+        .filter(|line| !line.starts_with("panicked at"))
+        .cloned()
+        .collect();
+    let mut in_harness = harness_seen(&result, &[]);
+    in_harness
+        .logs
+        .retain(|line| !line.starts_with("panicked at"));
+    // A request the app answered before the filter failed: compare whether it was reached.
+    in_harness.upstream_body = in_harness.upstream_body.map(|_| String::new());
+    let mut in_envoy = in_envoy.as_documented();
+    in_envoy.logs = logged;
+    in_envoy.upstream_body = in_envoy.upstream_body.map(|_| String::new());
+    assert_eq!(in_harness, in_envoy);
+
+    let second = Request::get("/second");
+    let seen_before = app.requests_seen();
+    let in_envoy = envoy.observe(&app, &second, &[], "");
+    assert_eq!(app.requests_seen(), seen_before, "the app is not reached");
+    let result = harness_run(&mut h, &second, Message::status(200));
+    assert_eq!(harness_seen(&result, &[]), in_envoy.as_documented());
+    assert_eq!(in_envoy.status, Some(503));
 }

@@ -15,8 +15,9 @@
 //! - `request_body`: `continue` (default), `buffer` (pause until the end of the stream, then go
 //!   on), `reply_at_end` (pause until the end of the stream, then send `reply`), `callout_at_end`
 //!   (pause until the end of the stream, then call out as above).
-//! - `response_headers`: `continue` (default) or `pause_callout` (call out, resume on 2xx,
-//!   else `reply`).
+//! - `response_headers`: `continue` (default), `pause_callout` (call out, resume on 2xx,
+//!   else `reply`), or `read_request_path` (read the request's `:path`, which the host no
+//!   longer offers then: the SDK panics on the unexpected status, a mistake SDK users make).
 //! - `response_body`: `continue` (default) or `replace` (pause until the end of the stream, then
 //!   replace the body with `body <n> bytes`).
 
@@ -237,9 +238,16 @@ impl HttpContext for Probe {
         info(&format!(
             "response_headers status={status} eos={end_of_stream}"
         ));
-        if self.config.response_headers == "pause_callout" {
-            self.callout_from_response = true;
-            return self.callout();
+        match self.config.response_headers.as_str() {
+            "pause_callout" => {
+                self.callout_from_response = true;
+                return self.callout();
+            }
+            "read_request_path" => {
+                let path = self.get_http_request_header(":path");
+                info(&format!("request path in the response: {path:?}"));
+            }
+            _ => {}
         }
         Action::Continue
     }
