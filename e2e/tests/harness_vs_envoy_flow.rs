@@ -1517,3 +1517,26 @@ fn a_filter_that_panics_fails_its_stream_and_the_next_one_as_in_envoy() {
     assert_eq!(harness_seen(&result, &[]), in_envoy.as_documented());
     assert_eq!(in_envoy.status, Some(503));
 }
+
+#[test]
+fn an_http2_post_ends_its_body_with_the_last_data_frame() {
+    // Over HTTP/2 the end of the stream comes with the body's last DATA frame: no extra empty
+    // call, as in the harness (only the HTTP/1.1 upstream's answer has one).
+    let app = TestApp::start().unwrap();
+    let envoy = envoy_with(
+        "flow-http2-post",
+        vec![sdk_filter("flow-probe", json!({}))],
+        &app,
+        vec![],
+        1,
+    );
+    let request = Request::post("/orders", "hello world").http2();
+    let (in_envoy, answer) = envoy.observe_with_answer(&app, &request, &[], "done");
+    assert_eq!(
+        in_envoy.logs[..2],
+        ["request_headers eos=false", "request_body size=11 eos=true"]
+    );
+    let mut h = harness("flow-probe", json!({}));
+    let result = harness_run(&mut h, &request, answer_or_stand_in(answer));
+    assert_eq!(harness_seen(&result, &[]), in_envoy.as_documented());
+}
