@@ -146,6 +146,82 @@ pub fn short_soak(ws: &Workspace) -> Result<()> {
         .run()
 }
 
+/// A two-minute soak running in the background, its output going to a log file.
+pub struct BackgroundSoak {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+/// Starts the two-minute soak of `cargo xtask test` in the background (the filters are already
+/// built): `cargo xtask test` runs it beside the behaviour tests on the oldest Envoy, as it
+/// mostly waits.
+pub fn start_short_soak(ws: &Workspace) -> Result<BackgroundSoak> {
+    let envoy = envoy::provision(ws, "to run the soak")?;
+    Cmd::cargo()
+        .args([
+            "build",
+            "-p",
+            "eastwest-e2e",
+            "--bin",
+            "eastwest-soak",
+            "--bin",
+            "eastwest-demo-service",
+        ])
+        .current_dir(&ws.root)
+        .run()?;
+    let binary = ws.target_dir().join("debug").join("eastwest-soak");
+    let out_dir = ws.root.join("target").join("soak-test");
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| Error::msg(format!("cannot create {}: {e}", out_dir.display())))?;
+    let log = out_dir.join("soak.log");
+    let file = |what: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| Error::msg(format!("cannot open {} for {what}: {e}", log.display())))
+    };
+    let _ = std::fs::remove_file(&log);
+    let args = [
+        "--duration".to_owned(),
+        "2m".to_owned(),
+        "--out-dir".to_owned(),
+        out_dir.display().to_string(),
+    ];
+    show(ws, &binary, &envoy, &args);
+    println!("(in the background; its output goes to {})", log.display());
+    let child = Command::new(&binary)
+        .args(args)
+        .env(envoy::ENVOY_ENV_VAR, &envoy)
+        .current_dir(&ws.root)
+        .stdout(file("stdout")?)
+        .stderr(file("stderr")?)
+        .spawn()
+        .map_err(|e| Error::msg(format!("could not run {}: {e}", binary.display())))?;
+    Ok(BackgroundSoak { child, log })
+}
+
+impl BackgroundSoak {
+    /// Waits for the soak, prints its summary (the log from the summary on) and says whether
+    /// it passed.
+    pub fn finish(mut self) -> Result<()> {
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::msg(format!("waiting for the soak: {e}")))?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let summary = log.find("\nSoak: ").map_or(log.as_str(), |at| &log[at..]);
+        println!("\n--> soak ({}){summary}", self.log.display());
+        if !status.success() {
+            bail!(
+                "the soak failed ({status}); its whole output: {}",
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 fn show(ws: &Workspace, binary: &Path, envoy: &Path, args: &[String]) {
     let shown = Cmd::new(binary.strip_prefix(&ws.root).unwrap_or(binary))
         .env(envoy::ENVOY_ENV_VAR, envoy)
