@@ -919,11 +919,33 @@ pub fn judge(record: &SoakRecord) -> Verdict {
                     }
                 }
             }
-            if most.0 > plateau.0 {
+            // A series for an outcome first seen later (a response code, a failure flag such as
+            // UO when a circuit breaker trips in the third storm) is not growth of the
+            // cardinality: what must not grow is the set of metrics per workload pair.
+            let pairs = |sample: &Sample| -> usize {
+                sample
+                    .sidecars
+                    .iter()
+                    .flatten()
+                    .map(|s| {
+                        s.series
+                            .iter()
+                            .map(|series| without_outcome_labels(series))
+                            .collect::<BTreeSet<String>>()
+                            .len()
+                    })
+                    .sum()
+            };
+            let pairs_at_plateau = pairs(plateau_sample);
+            let most_pairs = later
+                .iter()
+                .map(|s| pairs(s))
+                .fold(pairs_at_plateau, usize::max);
+            if most_pairs > pairs_at_plateau {
                 failures.push(format!(
-                    "eastwest series grew after the first outage: {} → {} ({})",
-                    plateau.0,
-                    most.0,
+                    "eastwest series for new workload pairs after the first outage: {} → {} ({})",
+                    pairs_at_plateau,
+                    most_pairs,
                     new_series.join("; ")
                 ));
             }
@@ -1199,6 +1221,25 @@ fn nice_step(range: f64) -> f64 {
         .map(|m| m * magnitude)
         .find(|step| *step >= raw)
         .unwrap_or(10.0 * magnitude)
+}
+
+/// Labels that say how a request ended rather than who talked to whom.
+const OUTCOME_LABELS: [&str; 4] = ["response_code", "grpc_status", "failure", "le"];
+
+/// A series (`name{a="1",b="2"}`) without its outcome labels: the metric of one workload pair.
+fn without_outcome_labels(series: &str) -> String {
+    let Some((name, labels)) = series.split_once('{') else {
+        return series.to_string();
+    };
+    let labels = labels.trim_end_matches('}');
+    let kept: Vec<&str> = labels
+        .split("\",")
+        .filter(|label| {
+            let key = label.split('=').next().unwrap_or_default();
+            !OUTCOME_LABELS.contains(&key)
+        })
+        .collect();
+    format!("{name}{{{}}}", kept.join("\","))
 }
 
 fn chart_svg(chart: &Chart<'_>, series: &[Series<'_>]) -> String {
@@ -1584,6 +1625,26 @@ pub fn report_html(record: &SoakRecord, verdict: &Verdict) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_outcome_of_a_known_pair_is_not_a_new_series_identity() {
+        let seen = r#"eastwest_upstream_failures_total{destination_service="payments",failure="UF",reporter="source",source_service="inventory"}"#;
+        let new_flag = r#"eastwest_upstream_failures_total{destination_service="payments",failure="UO",reporter="source",source_service="inventory"}"#;
+        let new_pair = r#"eastwest_upstream_failures_total{destination_service="payments",failure="UF",reporter="source",source_service="frontend"}"#;
+        assert_eq!(
+            without_outcome_labels(seen),
+            without_outcome_labels(new_flag)
+        );
+        assert_ne!(
+            without_outcome_labels(seen),
+            without_outcome_labels(new_pair)
+        );
+        let code = r#"eastwest_requests_total{destination_service="a",response_code="503",source_service="b"}"#;
+        assert_eq!(
+            without_outcome_labels(code),
+            r#"eastwest_requests_total{destination_service="a",source_service="b"}"#
+        );
+    }
 
     fn parse(args: &[&str]) -> Result<Option<SoakOptions>> {
         SoakOptions::parse_args(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())

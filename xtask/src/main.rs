@@ -61,7 +61,8 @@ Commands:
   soak    the demo mesh (sidecars with --concurrency 2) under steady load for an hour, payments
           failing for 10 s every 5 min: samples RSS, series, budget keys and decisions every
           10 s; passes when no request fails outside the outages, RSS grows < 2% after the
-          first 10%, series and keys plateau and every outage's retry amplification stays
+          first 10%, series (per workload pair; a new response code or failure flag is an
+          outcome, not growth) and keys plateau and every outage's retry amplification stays
           within its budget's bound; writes target/soak/report.html
             --duration 1h   --rate 40   (see `cargo xtask soak --help`)
   help    this text; `cargo xtask <command> --help` for a command's details
