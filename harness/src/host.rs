@@ -987,21 +987,15 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
             let method = read(&caller, method_ptr, method_size)?;
             let metadata = headers::decode(&read(&caller, metadata_ptr, metadata_size)?);
             let request = read(&caller, request_ptr, request_size)?;
-            let cluster = grpc_cluster(caller.data(), &service)?;
-            let state = caller.data_mut();
-            let token = next_grpc_token(state, true);
-            state.grpc_calls.insert(token);
-            let origin_context = state.context();
-            state.new_grpc_calls.push(NewGrpcCall {
-                token,
-                cluster,
-                service: String::from_utf8_lossy(&service_name).into_owned(),
-                method: String::from_utf8_lossy(&method).into_owned(),
-                initial_metadata: metadata,
-                message: Some(request),
-                timeout_ms: timeout as u32 as u64,
-                origin_context,
-            });
+            let token = open_grpc(
+                caller.data_mut(),
+                &service,
+                &service_name,
+                &method,
+                metadata,
+                Some(request),
+                timeout as u32 as u64,
+            )?;
             write_u32(&mut caller, token_ptr, token)
         }
     );
@@ -1022,21 +1016,15 @@ pub fn define(linker: &mut Linker<VmState>) -> anyhow::Result<()> {
             let service_name = read(&caller, service_name_ptr, service_name_size)?;
             let method = read(&caller, method_ptr, method_size)?;
             let metadata = headers::decode(&read(&caller, metadata_ptr, metadata_size)?);
-            let cluster = grpc_cluster(caller.data(), &service)?;
-            let state = caller.data_mut();
-            let token = next_grpc_token(state, false);
-            state.grpc_streams.insert(token);
-            let origin_context = state.context();
-            state.new_grpc_calls.push(NewGrpcCall {
-                token,
-                cluster,
-                service: String::from_utf8_lossy(&service_name).into_owned(),
-                method: String::from_utf8_lossy(&method).into_owned(),
-                initial_metadata: metadata,
-                message: None,
-                timeout_ms: 0,
-                origin_context,
-            });
+            let token = open_grpc(
+                caller.data_mut(),
+                &service,
+                &service_name,
+                &method,
+                metadata,
+                None,
+                0,
+            )?;
             write_u32(&mut caller, token_ptr, token)
         }
     );
@@ -1324,6 +1312,39 @@ fn grpc_service_cluster(bytes: &[u8]) -> Option<String> {
         None => None,
     };
     Some(cluster.unwrap_or_default())
+}
+
+/// Opens a gRPC call (with its request `message`) or a stream (`None`): resolves the cluster,
+/// takes a token and records the call for the harness; returns the token.
+fn open_grpc(
+    state: &mut VmState,
+    service: &[u8],
+    service_name: &[u8],
+    method: &[u8],
+    initial_metadata: Pairs,
+    message: Option<Vec<u8>>,
+    timeout_ms: u64,
+) -> Result<u32, Status> {
+    let cluster = grpc_cluster(state, service)?;
+    let call = message.is_some();
+    let token = next_grpc_token(state, call);
+    if call {
+        state.grpc_calls.insert(token);
+    } else {
+        state.grpc_streams.insert(token);
+    }
+    let origin_context = state.context();
+    state.new_grpc_calls.push(NewGrpcCall {
+        token,
+        cluster,
+        service: String::from_utf8_lossy(service_name).into_owned(),
+        method: String::from_utf8_lossy(method).into_owned(),
+        initial_metadata,
+        message,
+        timeout_ms,
+        origin_context,
+    });
+    Ok(token)
 }
 
 /// Envoy's token numbering on the root context: calls odd, streams even, never 0.
